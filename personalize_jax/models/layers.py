@@ -1,0 +1,93 @@
+"""Thin constructors for the layers every port uses, with logical axis names.
+
+Every parameter carries logical axis names (``out_sharding`` metadata) so the
+engine can map them onto a device mesh (FSDP) without knowing the model. The
+names used across the package:
+
+  ``embed``     the model's hidden width (input side of projections)
+  ``mlp``       the output side of a projection or a feed-forward width
+  ``conv_in``   input channels of a convolution kernel
+  ``conv_out``  output channels of a convolution kernel
+  ``norm``      scale/bias of a normalisation layer
+  ``vocab``     rows of a token embedding table
+
+Eager sharding is off per variable: parameters are created unsharded and the
+engine places them, which keeps model construction independent of any mesh.
+"""
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+
+def _meta(axes: Sequence[str | None]) -> dict:
+  return {"out_sharding": tuple(axes), "eager_sharding": False}
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool = True,
+           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+           axes: tuple[str | None, str | None] = ("embed", "mlp"),
+           rngs: nnx.Rngs) -> nnx.Linear:
+  """A dense layer whose kernel is ``(in, out)`` with logical axes ``axes``."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype,
+      param_dtype=param_dtype, kernel_metadata=_meta(axes),
+      bias_metadata=_meta(axes[1:]), rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int = 3, *,
+         stride: int = 1, padding: int | str | None = None,
+         use_bias: bool = True, dtype: Dtype = jnp.float32,
+         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+  """A 2D convolution on NHWC input; padding defaults to ``kernel_size // 2``."""
+  pad = kernel_size // 2 if padding is None else padding
+  if isinstance(pad, int):
+    pad = ((pad, pad), (pad, pad))
+  return nnx.Conv(
+      in_features, out_features, (kernel_size, kernel_size),
+      strides=(stride, stride), padding=pad, use_bias=use_bias, dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_metadata=_meta((None, None, "conv_in", "conv_out")),
+      bias_metadata=_meta(("conv_out",)), rngs=rngs)
+
+
+def group_norm(num_features: int, num_groups: int, *, epsilon: float = 1e-5,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs) -> nnx.GroupNorm:
+  """GroupNorm over the channel (last) axis, statistics as PyTorch computes them."""
+  return nnx.GroupNorm(
+      num_features, num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+      param_dtype=param_dtype, use_fast_variance=False,
+      scale_metadata=_meta(("norm",)), bias_metadata=_meta(("norm",)),
+      rngs=rngs)
+
+
+def layer_norm(num_features: int, *, epsilon: float = 1e-5,
+               use_bias: bool = True, use_scale: bool = True,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm over the last axis, statistics as PyTorch computes them."""
+  return nnx.LayerNorm(
+      num_features, epsilon=epsilon, use_bias=use_bias, use_scale=use_scale,
+      dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+      scale_metadata=_meta(("norm",)), bias_metadata=_meta(("norm",)),
+      rngs=rngs)
+
+
+def embed(num_embeddings: int, features: int, *,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          rngs: nnx.Rngs) -> nnx.Embed:
+  """A token or position embedding table ``(num_embeddings, features)``."""
+  return nnx.Embed(
+      num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+      embedding_metadata=_meta(("vocab", "embed")), rngs=rngs)
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
+          init=nnx.initializers.normal(0.02),
+          param_dtype: Dtype = jnp.float32) -> nnx.Param:
+  """A raw parameter (a PyTorch ``nn.Parameter``): stored under its own name."""
+  return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), **_meta(axes))

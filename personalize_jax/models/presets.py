@@ -1,0 +1,152 @@
+"""The ``tiny`` preset: small random models usable wherever a checkpoint path is.
+
+``from_pretrained("tiny")`` on any model class builds the config below with
+random weights from a seed. The shapes fit together as a Stable Diffusion
+pipeline does: the text width is the U-Net's ``cross_attention_dim``, the VAE
+downsamples by 8 into 4 latent channels (64 px images -> 8x8 latents), and the
+text encoder uses the real CLIP BPE vocabulary (49,408 tokens) so the real
+tokenizer works with it. Configs use the Hugging Face field names, so a tiny
+model saved with ``save_pretrained`` loads in diffusers/transformers.
+"""
+
+TINY = "tiny"
+
+TINY_RESOLUTION = 64
+
+UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+VAE = {
+    "_class_name": "AutoencoderKL",
+    "sample_size": TINY_RESOLUTION,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "scaling_factor": 0.18215,
+}
+
+CLIP_TEXT = {
+    "model_type": "clip_text_model",
+    "architectures": ["CLIPTextModel"],
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+CLIP_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+CLIP = {
+    "model_type": "clip",
+    "architectures": ["CLIPModel"],
+    "projection_dim": 32,
+    "logit_scale_init_value": 2.6592,
+    "text_config": CLIP_TEXT,
+    "vision_config": CLIP_VISION,
+}
+
+DINO_VIT = {
+    "model_type": "vit",
+    "architectures": ["ViTModel"],
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "qkv_bias": True,
+}
+
+DINOV2 = {
+    "model_type": "dinov2",
+    "architectures": ["Dinov2Model"],
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "mlp_ratio": 4,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "layerscale_value": 1.0,
+    "qkv_bias": True,
+    "use_swiglu_ffn": False,
+}
+
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+# Image processors (preprocessor_config.json) for the tiny CLIP and DINO models.
+CLIP_PROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True, "size": {"shortest_edge": 32},
+    "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+    "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+}
+
+DINO_PROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True, "size": {"height": 32, "width": 32},
+    "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 2,
+}

@@ -1,0 +1,42 @@
+"""Install: ``pip install -e .`` (runtime) or ``pip install -e .[test]`` (tests)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="personalize_jax",
+    version="0.1.0",
+    description=("JAX/Flax training for personalized text-to-image generation "
+                 "(RPO, Look Forward, DreamBooth, Custom Diffusion)"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["personalize_jax", "personalize_jax.*"]),
+    package_data={"personalize_jax": ["models/assets/*/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "chex==0.1.92",
+        "ml-collections==1.1.0",
+        "transformers==5.23.0",  # tokenizers only; no model classes at run time
+        "safetensors==0.8.0",
+        "huggingface-hub",
+        "tensorflow-datasets==4.9.10",  # without TensorFlow: array_record + data_source
+        "numpy",
+        "pillow",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "torch==2.13.0",  # the CPU build; a bare `torch` pulls CUDA wheels
+            "diffusers==0.42.1",
+        ],
+    },
+)

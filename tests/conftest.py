@@ -1,0 +1,29 @@
+"""Shared test setup: float32 everywhere, deterministic torch, shared data paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+  """``../shared`` beside the repository; tests using it skip when absent."""
+  if not SHARED.is_dir():
+    pytest.skip(f"{SHARED} is absent (DreamBench data lives there)")
+  return SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+  except ImportError:
+    pass
