@@ -15,6 +15,7 @@ header and raw little-endian buffers), so bf16 checkpoints load without torch.
 """
 
 import json
+import math
 import os
 import re
 import struct
@@ -155,7 +156,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes NumPy arrays as a ``.safetensors`` file PyTorch can read."""
   header, offset, buffers = {"__metadata__": {"format": "pt"}}, 0, []
   for key in sorted(tensors):
-    arr = np.ascontiguousarray(tensors[key])
+    arr = np.asarray(tensors[key], order="C")
     raw = arr.tobytes()
     header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
                    "data_offsets": [offset, offset + len(raw)]}
@@ -258,9 +259,10 @@ def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
 def module_tensors(module: nnx.Module, dtype=np.float32) -> dict[str, np.ndarray]:
   """Every parameter of ``module`` in PyTorch layout, by state-dict key."""
   return {
-      torch_key(path): np.ascontiguousarray(
+      # np.asarray(order="C"), not ascontiguousarray: keeps 0-d arrays 0-d.
+      torch_key(path): np.asarray(
           to_torch_layout(path, np.asarray(jax.device_get(var.get_value()),
-                                           dtype=dtype)))
+                                           dtype=dtype)), order="C")
       for path, var in iter_params(module)
   }
 
@@ -280,7 +282,9 @@ def save_pretrained(module: nnx.Module, folder: str | os.PathLike,
 def build_and_load(build: Callable[[], nnx.Module], folder: Path,
                    weights_name: str, *, param_dtype=jnp.float32,
                    ignore_unexpected: Iterable[str] = (),
-                   rename: Callable[[str], str] | None = None) -> nnx.Module:
+                   rename: Callable[[str], str] | None = None,
+                   transform: Callable[[str, np.ndarray], np.ndarray] | None = None
+                   ) -> nnx.Module:
   """Builds ``build()`` abstractly and fills it from ``folder/weights_name``.
 
   Args:
@@ -291,10 +295,74 @@ def build_and_load(build: Callable[[], nnx.Module], folder: Path,
     ignore_unexpected: see ``load_params``.
     rename: maps legacy checkpoint keys onto current ones (e.g. old VAE
       attention names), applied before matching.
+    transform: maps ``(key, tensor)`` (after ``rename``) onto the tensor to
+      load, for legacy layouts (e.g. 1x1-conv-shaped linear weights).
   """
   tensors, source = read_weights(folder, weights_name)
   if rename is not None:
     tensors = {rename(k): v for k, v in tensors.items()}
+  if transform is not None:
+    tensors = {k: transform(k, v) for k, v in tensors.items()}
   module = nnx.eval_shape(build)
   return load_params(module, tensors, source=source, param_dtype=param_dtype,
                      ignore_unexpected=ignore_unexpected)
+
+
+def shape_only_rngs() -> nnx.Rngs:
+  """``nnx.Rngs`` for building a module under ``nnx.eval_shape`` only.
+
+  Each draw increments the stream's counter; traced, that counter is a tracer
+  whose every update makes flax probe ``tracer.sharding``, an error path that
+  walks the whole jaxpr built so far: quadratic in the number of parameters
+  (15 s for SD 1.4's 686 tensors). A host NumPy counter keeps it concrete. The
+  keys it yields are valid but must not be used for real initialisation.
+  """
+  rngs = nnx.Rngs(0)
+  rngs.default.count.set_value(np.zeros((), np.uint32))
+  return rngs
+
+
+# Raw parameters (PyTorch nn.Parameter) whose neutral value is not small noise.
+_RAW_INIT = {"logit_scale": math.log(1 / 0.07), "lambda1": 1.0}
+
+
+def random_init(module: nnx.Module, seed: int,
+                param_dtype=jnp.float32) -> nnx.Module:
+  """Fills an abstract module's parameters with NumPy random values.
+
+  Kernels are ``N(0, 1/fan_in)``, biases 0, norm scales 1, embeddings and
+  other raw parameters ``N(0, 0.02)`` (``logit_scale`` and layer-scale
+  ``lambda1`` get their usual constants). Drawn on the host because eager JAX
+  initialisation of a few hundred differently shaped tensors compiles one
+  kernel per shape: tens of seconds even for tiny models on a CPU.
+
+  Args:
+    module: a module built under ``nnx.eval_shape``.
+    seed: NumPy seed.
+    param_dtype: the dtype parameters are stored in.
+
+  Returns:
+    The same module, filled.
+  """
+  rng = np.random.default_rng(seed)
+  for path, var in iter_params(module):
+    shape = tuple(var.get_value().shape)
+    leaf = str(path[-1])
+    if leaf == "kernel":
+      value = rng.standard_normal(shape) / math.sqrt(np.prod(shape[:-1]))
+    elif leaf == "scale":
+      value = np.ones(shape)
+    elif leaf == "bias":
+      value = np.zeros(shape)
+    elif leaf in _RAW_INIT:
+      value = np.full(shape, _RAW_INIT[leaf])
+    else:
+      value = 0.02 * rng.standard_normal(shape)
+    var.set_value(jnp.asarray(value, dtype=param_dtype))
+  return module
+
+
+def build_random(build: Callable[[], nnx.Module], seed: int,
+                 param_dtype=jnp.float32) -> nnx.Module:
+  """``build()`` (which should use ``shape_only_rngs()``) with random weights."""
+  return random_init(nnx.eval_shape(build), seed, param_dtype)

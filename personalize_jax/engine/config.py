@@ -1,0 +1,141 @@
+"""The keys every run has, and their validation before any work starts.
+
+Recipe files in ``configs/`` start from ``base_config()`` and change what their
+method needs; ``validate`` checks the resolved config and raises ``UserError``
+with one line naming the key, the value and what would be valid.
+"""
+
+import os
+import re
+
+import ml_collections
+
+from personalize_jax.errors import UserError
+
+METHODS = ("dreambooth", "custom_diffusion", "rpo", "lookforward")
+MIXED_PRECISION = ("bf16", "fp32")
+NAN_POLICIES = ("stop", "skip")
+SCHEDULES = ("constant", "cosine")
+ATTENTION = ("xla", "cudnn", "pallas", "auto")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every method; recipes override what they need."""
+  c = ml_collections.ConfigDict()
+  c.method = "dreambooth"  # one of METHODS: picks the loss and its data.
+  c.seed = 0  # seeds initialisation, noise, timesteps and data order.
+  c.num_steps = 1000  # optimizer steps.
+  c.batch_size = 1  # global batch (instance images per step, all devices).
+  c.learning_rate = 5e-6  # peak learning rate.
+  c.mixed_precision = "bf16"  # compute dtype: "bf16" or "fp32"; masters stay fp32.
+  c.trainable = [r"^unet\."]  # regexes over "component.torch.key" names that train.
+  c.overwrite = False  # allow a workdir that holds a run of another config.
+  c.nan_policy = "stop"  # on NaN/Inf: "stop" at that step or "skip" the update.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.pretrained = "CompVis/stable-diffusion-v1-4"  # Hub id, folder or "tiny".
+  c.model.attention_impl = "auto"  # attention kernel: xla, cudnn, pallas, auto.
+  c.model.remat = False  # rematerialise U-Net blocks to save activation memory.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.instance_dir = ""  # folder of 3-10 photos of the subject; "" = demo subject.
+  c.data.unique_token = "sks"  # the rare token that names the subject.
+  c.data.class_name = "dog"  # the subject's class noun ("backpack", "cat", ...).
+  c.data.instance_prompt = "a photo of {token} {class_name}"  # training prompt template.
+  c.data.resolution = 512  # training side in pixels (images are resized to it).
+  c.data.center_crop = True  # center-crop to square before resizing (else resize).
+  c.data.random_flip = True  # also train on horizontal flips of the photos.
+  c.data.min_image_side = 64  # reject photos smaller than this on either side.
+  c.data.skip_bad_images = False  # warn and skip unreadable photos instead of failing.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size; -1 fills with remaining devices.
+  c.mesh.fsdp = 1  # parameter-sharding axis size; -1 fills with remaining devices.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.b1 = 0.9  # AdamW beta1.
+  c.optimizer.b2 = 0.999  # AdamW beta2.
+  c.optimizer.eps = 1e-8  # AdamW epsilon.
+  c.optimizer.weight_decay = 1e-2  # AdamW decoupled weight decay.
+  c.optimizer.clip_grad_norm = 1.0  # global-norm clip of trainable grads (0 = off).
+  c.optimizer.schedule = "constant"  # after warmup: "constant" or "cosine".
+  c.optimizer.warmup_steps = 0  # linear warmup from 0 to learning_rate.
+
+  c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence.
+  c.checkpoint_every_steps = 200  # orbax checkpoint cadence (also at the end).
+  c.eval_every_steps = 200  # sample grids (and validation where the method has it).
+  c.keep_checkpoints = 2  # how many step folders to keep in checkpoints/.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.prompts = [  # validation prompts ({token}, {class_name} filled in).
+      "a {token} {class_name} in the jungle",
+      "a {token} {class_name} on the beach",
+      "a {token} {class_name} on top of a purple rug in a forest",
+      "a red {token} {class_name}",
+  ]
+  c.eval.num_inference_steps = 50  # DDIM steps for samples.
+  c.eval.guidance_scale = 7.5  # classifier-free guidance for samples.
+  c.eval.seed = 1234  # fixed seed so sample grids are comparable across steps.
+  return c
+
+
+def _fail(key: str, value, valid: str):
+  raise UserError(f"config.{key}={value!r} is invalid: {valid}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks values a user sets; raises ``UserError`` on the first bad one."""
+  if config.method not in METHODS:
+    _fail("method", config.method, f"use one of {', '.join(METHODS)}")
+  for key in ("num_steps", "batch_size", "log_every_steps",
+              "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
+              "data.resolution"):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(key, value, "it must be a positive integer")
+  if not config.learning_rate > 0:
+    _fail("learning_rate", config.learning_rate, "it must be a positive number")
+  if config.mixed_precision not in MIXED_PRECISION:
+    _fail("mixed_precision", config.mixed_precision,
+          f"use one of {', '.join(MIXED_PRECISION)}")
+  if config.nan_policy not in NAN_POLICIES:
+    _fail("nan_policy", config.nan_policy, f"use one of {', '.join(NAN_POLICIES)}")
+  if config.optimizer.schedule not in SCHEDULES:
+    _fail("optimizer.schedule", config.optimizer.schedule,
+          f"use one of {', '.join(SCHEDULES)}")
+  if config.model.attention_impl not in ATTENTION:
+    _fail("model.attention_impl", config.model.attention_impl,
+          f"use one of {', '.join(ATTENTION)}")
+  for pattern in config.trainable:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      _fail("trainable", pattern, f"not a regular expression ({e})")
+  if not config.trainable:
+    _fail("trainable", list(config.trainable),
+          r"list at least one regex, e.g. ['^unet\.']")
+  if not config.data.unique_token.strip():
+    _fail("data.unique_token", config.data.unique_token,
+          "it must be a non-empty word such as 'sks'")
+  if not config.data.class_name.strip():
+    _fail("data.class_name", config.data.class_name,
+          "it must name the subject's class, e.g. 'dog' or 'backpack'")
+  if config.data.instance_dir and not os.path.isdir(config.data.instance_dir):
+    _fail("data.instance_dir", config.data.instance_dir,
+          "the folder does not exist; point it at a folder of subject photos")
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if size == 0 or size < -1:
+      _fail(key, size, "use a positive axis size or -1 to fill")
+  if data == -1 and fsdp == -1:
+    _fail("mesh.fsdp", fsdp, "mesh.data and mesh.fsdp cannot both be -1")
+  fixed = (data if data != -1 else 1) * (fsdp if fsdp != -1 else 1)
+  if num_devices % fixed or (-1 not in (data, fsdp) and fixed != num_devices):
+    _fail("mesh", f"data={data}, fsdp={fsdp}",
+          f"the axis sizes must multiply to the {num_devices} devices present")
+  if config.batch_size % num_devices:
+    _fail("batch_size", config.batch_size,
+          f"it must be a multiple of the {num_devices} devices (the batch is "
+          "split across all of them)")

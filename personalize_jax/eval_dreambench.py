@@ -1,0 +1,471 @@
+"""DreamBench evaluation, following the protocol of the DreamBooth paper.
+
+For each subject (30), each of its prompts (25) and N images per prompt (4,
+so 3,000 images in all) the generated images are compared with the subject's
+reference photos:
+
+  DINO     mean cosine similarity of DINO ViT-S/16 CLS embeddings over all
+           (generated, reference) pairs of the subject;
+  CLIP-I   the same with CLIP image embeddings;
+  CLIP-T   mean cosine similarity between each image's CLIP embedding and
+           its prompt's, with the unique token removed from the prompt;
+  H(lam)   the lambda-Harmonic score (``rewards.harmonic``) of each image
+           from ALIGN-I = to_unit(its mean CLIP-I over the references) and
+           ALIGN-T = to_unit(its CLIP-T), averaged; lam = 0.3, 0.5, 0.7.
+
+The ``reference`` row compares the real photos with each other (all ordered
+pairs of distinct photos of a subject): the ceiling DINO and CLIP-I can
+reach. Overall numbers average the per-subject ones, each subject counting
+once.
+
+Generated images are read from a folder laid out as
+
+  <images_dir>/<subject>/<prompt_idx:02d>_<k:02d>.png  (also .jpg)
+  <images_dir>/prompts.json   optional, {"unique_token": "sks",
+                              "subjects": {"dog": ["a sks dog ...", ...]}}
+
+``prompt_idx`` indexes the subject's DreamBench prompt list (object or live)
+and ``k`` counts images per prompt from 0. Without ``prompts.json`` the
+prompts are the DreamBench templates filled with ``config.unique_token``;
+with it, entry ``prompt_idx`` of the subject's list is the prompt used (and
+its ``unique_token`` is the word removed for CLIP-T). ``write_generated`` and
+``write_prompts_json`` write this layout; ``config.model`` runs write it
+into ``<workdir>/images``.
+"""
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from personalize_jax import diffusion
+from personalize_jax import rewards
+from personalize_jax.data import dreambench
+from personalize_jax.errors import UserError
+from personalize_jax.models import image_processor, presets
+from personalize_jax.models import pipeline as pipeline_lib
+from personalize_jax.models import tokenizer as tokenizer_lib
+from personalize_jax.models.clip import CLIPModel
+from personalize_jax.models.vit import ViTModel
+
+PROMPTS_JSON = "prompts.json"
+_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+_IMAGE_NAME = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- metrics --
+
+def _unit_rows(x_nd: np.ndarray) -> np.ndarray:
+  x_nd = np.asarray(x_nd, np.float64)
+  return x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_matrix(a_nd: np.ndarray, b_md: np.ndarray) -> np.ndarray:
+  """``(n, m)`` cosine similarities, in float64."""
+  return _unit_rows(a_nd) @ _unit_rows(b_md).T
+
+
+def mean_pairwise_cosine(gen_nd: np.ndarray, ref_md: np.ndarray) -> float:
+  """DINO / CLIP-I: the mean cosine over all (generated, reference) pairs."""
+  return float(cosine_matrix(gen_nd, ref_md).mean())
+
+
+def mean_reference_cosine(ref_md: np.ndarray) -> float:
+  """The mean cosine over all pairs of distinct reference images (i != j)."""
+  sims = cosine_matrix(ref_md, ref_md)
+  m = sims.shape[0]
+  if m < 2:
+    return float("nan")
+  return float(sims[~np.eye(m, dtype=bool)].mean())
+
+
+def mean_text_cosine(image_nd: np.ndarray, text_nd: np.ndarray) -> float:
+  """CLIP-T: the mean cosine between each image and its own prompt."""
+  return float(np.sum(_unit_rows(image_nd) * _unit_rows(text_nd), -1).mean())
+
+
+def mean_harmonic(clip_gen_nd: np.ndarray, clip_ref_md: np.ndarray,
+                  text_nd: np.ndarray, lam: float) -> float:
+  """The lambda-Harmonic score of each image (ALIGN-I/T from CLIP), averaged."""
+  align_i = rewards.to_unit(cosine_matrix(clip_gen_nd, clip_ref_md).mean(-1))
+  align_t = rewards.to_unit(
+      np.sum(_unit_rows(clip_gen_nd) * _unit_rows(text_nd), -1))
+  return float(np.mean(rewards.harmonic(align_i, align_t, lam)))
+
+
+def harmonic_key(lam: float) -> str:
+  """The metric name of ``H(lam)``: ``harmonic_0.5``."""
+  return f"harmonic_{lam:g}"
+
+
+def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
+                    clip_gen: np.ndarray, clip_ref: np.ndarray,
+                    text: np.ndarray, lams: Sequence[float]) -> dict[str, float]:
+  """All metrics of one subject from its embeddings.
+
+  Args:
+    dino_gen: ``(n, d)`` DINO embeddings of the generated images.
+    dino_ref: ``(m, d)`` DINO embeddings of the reference images.
+    clip_gen: ``(n, e)`` CLIP image embeddings of the generated images.
+    clip_ref: ``(m, e)`` CLIP image embeddings of the reference images.
+    text: ``(n, e)`` CLIP text embedding of each generated image's prompt
+      (unique token removed).
+    lams: the lambda values of the harmonic scores.
+  """
+  out = {"dino": mean_pairwise_cosine(dino_gen, dino_ref),
+         "clip_i": mean_pairwise_cosine(clip_gen, clip_ref),
+         "clip_t": mean_text_cosine(clip_gen, text)}
+  for lam in lams:
+    out[harmonic_key(lam)] = mean_harmonic(clip_gen, clip_ref, text, lam)
+  return out
+
+
+def reference_metrics(dino_ref: np.ndarray,
+                      clip_ref: np.ndarray) -> dict[str, float]:
+  """DINO and CLIP-I of real photos against each other (distinct pairs)."""
+  return {"dino": mean_reference_cosine(dino_ref),
+          "clip_i": mean_reference_cosine(clip_ref)}
+
+
+def average(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  """The mean of each metric over rows (subjects count equally)."""
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+# ------------------------------------------------------------- embeddings --
+
+def _forward(graphdef, state, pixels, method):
+  return method(nnx.merge(graphdef, state), pixels)
+
+
+class Embedders:
+  """DINO and CLIP embeddings of uint8 images and of prompts (batched, jitted)."""
+
+  def __init__(self, dino, dino_processor, clip, clip_processor, tokenizer,
+               batch_size: int = 16):
+    self._dino = nnx.split(dino)
+    self._clip = nnx.split(clip)
+    self.dino_processor = dino_processor
+    self.clip_processor = clip_processor
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self._run = jax.jit(_forward, static_argnums=(0, 3))
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Embedders":
+    """Loads ``config.dino_model`` and ``config.clip_model`` (``tiny`` works)."""
+    dino, clip = str(config.dino_model), str(config.clip_model)
+    dino_processor = image_processor.ImageProcessor.from_pretrained(
+        image_processor.TINY_DINO if dino == presets.TINY else dino)
+    return cls(
+        dino=ViTModel.from_pretrained(dino),
+        dino_processor=dino_processor,
+        clip=CLIPModel.from_pretrained(clip),
+        clip_processor=image_processor.ImageProcessor.from_pretrained(clip),
+        tokenizer=tokenizer_lib.load_tokenizer(clip, subfolder=None),
+        batch_size=config.batch_size)
+
+  def _batched(self, model, method, inputs: jax.Array) -> np.ndarray:
+    # Pad to whole batches so every call reuses one compilation.
+    n, bs = inputs.shape[0], self.batch_size
+    pad = -n % bs
+    inputs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
+    outs = [self._run(*model, inputs[i:i + bs], method)
+            for i in range(0, n + pad, bs)]
+    return np.asarray(jnp.concatenate(outs)[:n], np.float64)
+
+  def images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(dino (n, d), clip (n, e))`` embeddings of uint8 ``(h, w, 3)`` images."""
+    dino_px, clip_px = [], []
+    # Same-sized images are preprocessed as one batch, each size on its own.
+    order = sorted(range(len(images)), key=lambda i: images[i].shape)
+    for _, group in itertools.groupby(order, key=lambda i: images[i].shape):
+      batch = np.stack([images[i] for i in group])
+      dino_px.append(self.dino_processor(batch))
+      clip_px.append(self.clip_processor(batch))
+    inverse = np.argsort(order)
+    dino = self._batched(self._dino, _dino_cls, jnp.concatenate(dino_px))
+    clip = self._batched(self._clip, _clip_image, jnp.concatenate(clip_px))
+    return dino[inverse], clip[inverse]
+
+  def texts(self, prompts: Sequence[str]) -> np.ndarray:
+    """``(n, e)`` CLIP text embeddings."""
+    ids = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, list(prompts)))
+    return self._batched(self._clip, _clip_text, ids)
+
+
+def _dino_cls(vit, pixels_bhwc):
+  return vit(pixels_bhwc)[:, 0]
+
+
+def _clip_image(clip, pixels_bhwc):
+  return clip.get_image_features(pixels_bhwc)
+
+
+def _clip_text(clip, ids_bt):
+  return clip.get_text_features(ids_bt)
+
+
+# ----------------------------------------------------------------- images --
+
+def parse_subjects(spec: str | Sequence[str]) -> list[str] | None:
+  """``all`` -> None; ``"dog,cat"`` or a list -> the names."""
+  if isinstance(spec, str):
+    if spec.strip() in ("", "all"):
+      return None
+    spec = spec.split(",")
+  names = [str(s).strip() for s in spec if str(s).strip()]
+  return names or None
+
+
+def dreambench_prompts(subjects: Sequence[dreambench.Subject],
+                       templates: Mapping[str, Sequence[str]],
+                       num_prompts: int, unique_token: str
+                       ) -> dict[str, list[str]]:
+  """The first ``num_prompts`` DreamBench prompts of each subject."""
+  return {s.name: dreambench.subject_prompts(s, templates,
+                                             unique_token)[:num_prompts]
+          for s in subjects}
+
+
+def write_prompts_json(images_dir: Path, prompts: Mapping[str, Sequence[str]],
+                       unique_token: str) -> None:
+  """Records the prompts (and token) used for the images in ``images_dir``."""
+  payload = {"unique_token": unique_token,
+             "subjects": {k: list(v) for k, v in prompts.items()}}
+  (images_dir / PROMPTS_JSON).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def read_prompts_json(images_dir: Path, names: Sequence[str],
+                      num_prompts: int) -> tuple[dict[str, list[str]], str] | None:
+  """``(prompts by subject, unique token)`` from ``prompts.json``, if present."""
+  path = images_dir / PROMPTS_JSON
+  if not path.is_file():
+    return None
+  try:
+    payload = json.loads(path.read_text())
+    token, table = payload.get("unique_token"), payload["subjects"]
+  except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+    raise UserError(f"{path} is not a valid prompts file ({e!r}); expected "
+                    '{"unique_token": "sks", "subjects": {"dog": ["a sks dog '
+                    '...", ...]}}') from None
+  for name in names:
+    if len(table.get(name, ())) < num_prompts:
+      raise UserError(f"{path} lists {len(table.get(name, ()))} prompts for "
+                      f"{name!r}, fewer than num_prompts={num_prompts}")
+  return {n: [str(p) for p in table[n][:num_prompts]] for n in names}, token
+
+
+def write_generated(images_dir: Path, subject: str, prompt_idx: int,
+                    images: np.ndarray) -> None:
+  """Saves ``(n, h, w, 3)`` uint8 images as ``<subject>/<prompt_idx>_<k>.png``."""
+  folder = images_dir / subject
+  folder.mkdir(parents=True, exist_ok=True)
+  for k, image in enumerate(np.asarray(images)):
+    Image.fromarray(image).save(folder / f"{prompt_idx:02d}_{k:02d}.png")
+
+
+def read_generated(images_dir: Path, subject: str, num_prompts: int,
+                   num_images: int) -> list[list[np.ndarray]]:
+  """The generated images ``[prompt_idx][k]`` of a subject, uint8 RGB.
+
+  Raises:
+    UserError: the subject folder or one of the expected images is missing.
+  """
+  folder = images_dir / subject
+  if not folder.is_dir():
+    raise UserError(f"{folder} does not exist; images_dir must hold one "
+                    "folder per subject with <prompt_idx>_<k>.png images")
+  found = {}
+  for path in folder.iterdir():
+    if match := _IMAGE_NAME.match(path.name):
+      found[(int(match.group(1)), int(match.group(2)))] = path
+  rows = []
+  for i in range(num_prompts):
+    row = []
+    for k in range(num_images):
+      if (i, k) not in found:
+        raise UserError(
+            f"{folder / f'{i:02d}_{k:02d}.png'} is missing: expected "
+            f"{num_prompts} prompts x {num_images} images per subject; lower "
+            "num_prompts / num_images_per_prompt or generate the rest")
+      with Image.open(found[(i, k)]) as image:
+        row.append(np.asarray(image.convert("RGB")))
+    rows.append(row)
+  return rows
+
+
+# ------------------------------------------------------------- generation --
+
+def model_for_subject(model: str, subject: str) -> str:
+  """``<model>/<subject>`` when it is a pipeline folder, else ``model`` itself.
+
+  DreamBooth fine-tunes one model per subject: a folder holding one pipeline
+  per subject name serves a whole run; a single pipeline (or ``tiny``) is
+  used for every subject asked for.
+  """
+  candidate = Path(model) / subject
+  return str(candidate) if (candidate / "model_index.json").is_file() else model
+
+
+def generate_images(config: ml_collections.ConfigDict,
+                    prompts: Mapping[str, Sequence[str]],
+                    images_dir: Path) -> None:
+  """Generates ``num_images_per_prompt`` images per prompt into ``images_dir``."""
+  rng = jax.random.key(config.seed)
+  pipeline = None
+  for s, (subject, subject_prompts) in enumerate(
+      tqdm(sorted(prompts.items()), desc="generating", unit="subject")):
+    source = model_for_subject(config.model, subject)
+    if pipeline is None or pipeline.source != source:
+      pipeline = pipeline_lib.load_stable_diffusion(source)
+    for i, prompt in enumerate(subject_prompts):
+      images = diffusion.generate(
+          pipeline, [prompt] * config.num_images_per_prompt,
+          rng=jax.random.fold_in(jax.random.fold_in(rng, s), i),
+          num_inference_steps=config.num_inference_steps,
+          guidance_scale=config.guidance_scale)
+      write_generated(images_dir, subject, i, np.asarray(images))
+  write_prompts_json(images_dir, prompts, config.unique_token)
+
+
+# ---------------------------------------------------------------- reports --
+
+def image_grid(references: Sequence[np.ndarray],
+               generated: Sequence[Sequence[np.ndarray]],
+               thumb: int = 128, gap: int = 8) -> np.ndarray:
+  """References in the first row, then one row of generated images per prompt.
+
+  A white band of ``gap`` pixels separates the references from the rest.
+  """
+  def small(image):
+    return np.asarray(Image.fromarray(image).resize((thumb, thumb),
+                                                    Image.Resampling.BICUBIC))
+
+  rows = [list(references)] + [list(r) for r in generated]
+  cols = max(len(r) for r in rows)
+  grid = np.full((len(rows) * thumb + gap, cols * thumb, 3), 255, np.uint8)
+  for r, row in enumerate(rows):
+    top = r * thumb + (gap if r else 0)
+    for c, image in enumerate(row):
+      grid[top:top + thumb, c * thumb:(c + 1) * thumb] = small(image)
+  return grid
+
+
+def _fmt(value: float | None) -> str:
+  return "-" if value is None or np.isnan(value) else f"{value:.4f}"
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+  """Per-subject and overall tables of ``results`` (as ``evaluate`` returns)."""
+  keys = list(results["overall"])
+  names = [_NAMES.get(k, k.replace("harmonic_", "H(") + ")") for k in keys]
+  header = ["| subject | " + " | ".join(names) + " |",
+            "|---" * (len(keys) + 1) + "|"]
+
+  def row(label, values):
+    return (f"| {label} | "
+            + " | ".join(_fmt(values.get(k)) for k in keys) + " |")
+
+  lines = [f"# DreamBench ({results['num_subjects']} subjects x "
+           f"{results['num_prompts']} prompts x "
+           f"{results['num_images_per_prompt']} images)", "", *header]
+  lines += [row(n, v) for n, v in results["subjects"].items()]
+  lines += [row("**overall**", results["overall"]),
+            row("*reference images*", results["reference"]), "",
+            "## Reference images (real vs real, distinct pairs)", "", *header]
+  lines += [row(n, v) for n, v in results["reference_subjects"].items()]
+  lines.append(row("**overall**", results["reference"]))
+  return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------- evaluate --
+
+def evaluate(config: ml_collections.ConfigDict,
+             workdir: str | os.PathLike) -> dict[str, Any]:
+  """Runs the DreamBench evaluation and writes its reports into ``workdir``.
+
+  Writes ``metrics.json`` (what this returns), ``metrics.md`` and
+  ``grids/<subject>.png``; with ``config.model`` the images are generated
+  first into ``<workdir>/images``.
+
+  Raises:
+    UserError: missing or incomplete inputs, or inconsistent config values.
+  """
+  workdir = Path(workdir)
+  if config.num_prompts < 1 or config.num_images_per_prompt < 1:
+    raise UserError("num_prompts and num_images_per_prompt must be >= 1")
+  if bool(config.model) == bool(config.images_dir):
+    raise UserError("set exactly one of --config.images_dir (a folder of "
+                    "generated images) and --config.model (a pipeline to "
+                    "generate them with)")
+  subjects = dreambench.read_subjects(config.dataset_dir,
+                                      parse_subjects(config.subjects))
+  names = [s.name for s in subjects]
+  templates = dreambench.read_prompt_templates(config.dataset_dir)
+  if config.num_prompts > min(len(templates[s.prompt_list]) for s in subjects):
+    raise UserError(f"num_prompts={config.num_prompts} exceeds the "
+                    "DreamBench prompt lists (25)")
+  prompts = dreambench_prompts(subjects, templates, config.num_prompts,
+                               config.unique_token)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # Generation (when a model is given) writes the same layout as images_dir.
+  if config.model:
+    images_dir = workdir / "images"
+    generate_images(config, prompts, images_dir)
+  else:
+    images_dir = Path(config.images_dir)
+    if not images_dir.is_dir():
+      raise UserError(f"images_dir {images_dir} does not exist")
+  token = config.unique_token
+  recorded = read_prompts_json(images_dir, names, config.num_prompts)
+  if recorded is not None:
+    prompts, token = recorded[0], recorded[1] or token
+
+  references = dreambench.load_reference_images(
+      config.dataset_dir, config.tfds_data_dir or workdir / "tfds", names)
+  embed = Embedders.from_config(config)
+  lams = tuple(config.harmonic_lams)
+  (workdir / "grids").mkdir(exist_ok=True)
+  per_subject, per_subject_ref = {}, {}
+  for name in tqdm(names, desc="evaluating", unit="subject"):
+    generated = read_generated(images_dir, name, config.num_prompts,
+                               config.num_images_per_prompt)
+    dino_gen, clip_gen = embed.images([im for row in generated for im in row])
+    dino_ref, clip_ref = embed.images(references[name])
+    text = embed.texts([dreambench.remove_token(p, token)
+                        for p in prompts[name]])
+    text = np.repeat(text, config.num_images_per_prompt, axis=0)
+    per_subject[name] = subject_metrics(dino_gen, dino_ref, clip_gen,
+                                        clip_ref, text, lams)
+    per_subject_ref[name] = reference_metrics(dino_ref, clip_ref)
+    Image.fromarray(image_grid(references[name], generated,
+                               config.grid_thumbnail)).save(
+                                   workdir / "grids" / f"{name}.png")
+
+  results = {
+      "overall": average(list(per_subject.values())),
+      "reference": average(list(per_subject_ref.values())),
+      "subjects": per_subject,
+      "reference_subjects": per_subject_ref,
+      "num_subjects": len(names),
+      "num_prompts": config.num_prompts,
+      "num_images_per_prompt": config.num_images_per_prompt,
+      "images_dir": str(images_dir),
+      "dino_model": str(config.dino_model),
+      "clip_model": str(config.clip_model),
+  }
+  (workdir / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+  (workdir / "metrics.md").write_text(markdown_report(results))
+  return results

@@ -1,0 +1,149 @@
+"""A whole Stable Diffusion pipeline: load from a diffusers folder, export to one.
+
+The folder layout is diffusers' (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``), so the same code loads the
+real weights from a local copy or the Hub and writes fine-tuned models that
+``diffusers.StableDiffusionPipeline.from_pretrained`` loads.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from personalize_jax import diffusion
+from personalize_jax.errors import CheckpointError
+from personalize_jax.models import checkpoint, presets
+from personalize_jax.models.clip import CLIPTextModel
+from personalize_jax.models.tokenizer import load_tokenizer
+from personalize_jax.models.unet import UNet2DConditionModel
+from personalize_jax.models.vae import AutoencoderKL
+
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# What diffusers' StableDiffusionPipeline expects in model_index.json. The
+# safety checker and feature extractor are not part of fine-tuning; exported
+# pipelines declare them absent, which diffusers accepts.
+_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.42.1",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """The parts of a Stable Diffusion pipeline, as nnx modules plus a tokenizer.
+
+  Attributes:
+    unet: the denoiser.
+    vae: the latent autoencoder.
+    text_encoder: the CLIP text tower.
+    tokenizer: transformers' ``CLIPTokenizer``.
+    schedule: the noise schedule from ``scheduler/scheduler_config.json``.
+    source: where it was loaded from (a folder, a Hub id or ``tiny``).
+  """
+  unet: UNet2DConditionModel
+  vae: AutoencoderKL
+  text_encoder: CLIPTextModel
+  tokenizer: Any
+  schedule: diffusion.NoiseSchedule
+  source: str = ""
+
+  @property
+  def resolution(self) -> int:
+    """The image side the U-Net was trained at (latent side x VAE factor)."""
+    return self.unet.config.sample_size * self.vae_scale_factor
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    """Writes the pipeline in diffusers' layout (loadable by diffusers too)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    self.unet.save_pretrained(folder / "unet")
+    self.vae.save_pretrained(folder / "vae")
+    self.text_encoder.save_pretrained(folder / "text_encoder")
+    self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    self.schedule.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        json.dumps(_MODEL_INDEX, indent=2) + "\n")
+    return folder
+
+
+def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
+                          dtype=jnp.float32, param_dtype=jnp.float32,
+                          attention_impl: str = "xla", remat: bool = False,
+                          seed: int = 0) -> StableDiffusion:
+  """Loads a Stable Diffusion 1.x/2.x pipeline folder, Hub id, or ``tiny``.
+
+  Args:
+    path_or_hub_id: a local diffusers folder, a Hub id such as
+      ``CompVis/stable-diffusion-v1-4``, or ``tiny`` (random tiny models).
+    dtype: the compute dtype of the models.
+    param_dtype: the dtype their parameters are stored in.
+    attention_impl: see ``personalize_jax.models.attention``.
+    remat: rematerialise U-Net blocks in the backward pass.
+    seed: the random seed of the ``tiny`` models.
+
+  Raises:
+    CheckpointError: the folder is not a Stable Diffusion pipeline.
+  """
+  source = str(path_or_hub_id)
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype,
+                attention_impl=attention_impl)
+  if source == presets.TINY:
+    return StableDiffusion(
+        unet=UNet2DConditionModel.from_pretrained(
+            presets.TINY, remat=remat, seed=seed, **kwargs),
+        vae=AutoencoderKL.from_pretrained(presets.TINY, seed=seed + 1, **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(presets.TINY, seed=seed + 2,
+                                                   **kwargs),
+        tokenizer=load_tokenizer(presets.TINY),
+        schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
+        source=source)
+  root = checkpoint.resolve_pretrained(source)
+  index = root / "model_index.json"
+  if not index.is_file():
+    raise CheckpointError(
+        f"{root} has no model_index.json, so it is not a diffusers pipeline "
+        "folder; pass the folder that holds unet/, vae/, text_encoder/, "
+        "tokenizer/ and scheduler/")
+  missing = [c for c in _COMPONENTS if not (root / c).is_dir()]
+  if missing:
+    raise CheckpointError(
+        f"{root} lacks {', '.join(m + '/' for m in missing)}; a Stable "
+        "Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and "
+        "scheduler/ (download the whole model)")
+  return StableDiffusion(
+      unet=UNet2DConditionModel.from_pretrained(root, "unet", remat=remat,
+                                                **kwargs),
+      vae=AutoencoderKL.from_pretrained(root, "vae", **kwargs),
+      text_encoder=CLIPTextModel.from_pretrained(root, "text_encoder", **kwargs),
+      tokenizer=load_tokenizer(root, subfolder="tokenizer"),
+      schedule=_schedule(root / "scheduler"),
+      source=source)
+
+
+def _schedule(folder: Path) -> diffusion.NoiseSchedule:
+  """The pipeline's schedule, with the fixes diffusers applies to old configs.
+
+  ``StableDiffusionPipeline`` forces ``steps_offset=1`` and
+  ``clip_sample=False`` on outdated scheduler configs (SD 1.4's among them);
+  doing the same keeps our samples equal to diffusers'.
+  """
+  config = checkpoint.read_json(folder / diffusion.SCHEDULER_CONFIG)
+  config.update(steps_offset=1, clip_sample=False)
+  return diffusion.NoiseSchedule.from_config(config)

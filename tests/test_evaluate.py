@@ -1,0 +1,276 @@
+"""DreamBench evaluation: metric functions, image layout, and the CLI end to end."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from personalize_jax import eval_dreambench as ev
+from personalize_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PROMPTS_TXT = """Classes
+
+subject_name,class
+dog,dog
+teapot,teapot
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token),
+'a wet {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+'a {0} {1} in the snow'.format(unique_token, class_token),
+'a wet {0} {1}'.format(unique_token, class_token)
+]
+"""
+# Subject -> sizes of its reference photos (mixed, as in DreamBench).
+_REFS = {"dog": (40, 40, 48), "teapot": (48, 40)}
+_PROMPTS = {"dog": ["a dog wearing a red hat", "a dog in the snow"],
+            "teapot": ["a teapot in the jungle", "a red teapot"]}
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_metric_functions_match_numpy():
+  rng = np.random.default_rng(0)
+  gen, ref, text = (rng.normal(size=s) for s in [(6, 5), (3, 5), (6, 5)])
+  sims = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in ref]
+                   for a in gen])
+  assert ev.mean_pairwise_cosine(gen, ref) == pytest.approx(sims.mean(), rel=1e-12)
+  text_cos = np.array([a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+                       for a, b in zip(gen, text)])
+  assert ev.mean_text_cosine(gen, text) == pytest.approx(text_cos.mean(), rel=1e-12)
+  ref_ref = [ref[i] @ ref[j] / np.linalg.norm(ref[i]) / np.linalg.norm(ref[j])
+             for i in range(3) for j in range(3) if i != j]
+  assert ev.mean_reference_cosine(ref) == pytest.approx(np.mean(ref_ref), rel=1e-12)
+  # Identical pairs (cos = 1) are left out: including them would raise it.
+  assert ev.mean_reference_cosine(ref) < _unit(ref).dot(_unit(ref).T).mean()
+  align_i, align_t = (sims.mean(1) + 1) / 2, (text_cos + 1) / 2
+  for lam in (0.3, 0.5, 0.7):
+    expected = np.mean(1 / (lam / align_i + (1 - lam) / align_t))
+    assert ev.mean_harmonic(gen, ref, text, lam) == pytest.approx(expected,
+                                                                  rel=1e-12)
+  metrics = ev.subject_metrics(gen, ref, gen * 2, ref, text, (0.5,))
+  assert sorted(metrics) == ["clip_i", "clip_t", "dino", "harmonic_0.5"]
+  assert metrics["dino"] == pytest.approx(metrics["clip_i"])
+  assert ev.average([{"a": 1.0}, {"a": 4.0}]) == {"a": 2.5}
+
+
+def test_layout_helpers(tmp_path):
+  assert ev.parse_subjects("all") is None
+  assert ev.parse_subjects("dog, cat") == ["dog", "cat"]
+  assert ev.parse_subjects(("dog",)) == ["dog"]
+  images = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+  ev.write_generated(tmp_path, "dog", 1, images)
+  ev.write_generated(tmp_path, "dog", 0, images[::-1])
+  rows = ev.read_generated(tmp_path, "dog", 2, 2)
+  np.testing.assert_array_equal(rows[1][0], images[0])
+  np.testing.assert_array_equal(rows[0][0], images[1])
+  with pytest.raises(UserError, match="02_00.png is missing"):
+    ev.read_generated(tmp_path, "dog", 3, 2)
+  ev.write_prompts_json(tmp_path, {"dog": ["a zwx dog", "a wet zwx dog"]}, "zwx")
+  assert ev.read_prompts_json(tmp_path, ["dog"], 1) == ({"dog": ["a zwx dog"]},
+                                                         "zwx")
+  with pytest.raises(UserError, match="fewer than num_prompts"):
+    ev.read_prompts_json(tmp_path, ["dog"], 3)
+  grid = ev.image_grid([np.zeros((9, 9, 3), np.uint8)] * 3,
+                       [[np.full((5, 5, 3), 200, np.uint8)] * 2] * 2, thumb=4,
+                       gap=2)
+  assert grid.shape == (3 * 4 + 2, 3 * 4, 3)
+  assert (grid[:4] == 0).all() and (grid[4:6] == 255).all()
+  assert (grid[6:, :8] == 200).all() and (grid[6:, 8:] == 255).all()
+  (tmp_path / "m" / "dog").mkdir(parents=True)
+  (tmp_path / "m" / "dog" / "model_index.json").write_text("{}")
+  models = tmp_path / "m"
+  assert ev.model_for_subject(str(models), "dog") == str(models / "dog")
+  assert ev.model_for_subject(str(models), "cat") == str(models)
+
+
+def _write_inputs(root: Path):
+  """A two-subject DreamBench folder and 2 prompts x 2 generated images each."""
+  rng = np.random.default_rng(0)
+  dataset, images = root / "dataset", root / "generated"
+  dataset.mkdir()
+  (dataset / "prompts_and_classes.txt").write_text(_PROMPTS_TXT)
+  refs, generated = {}, {}
+  for name, sizes in _REFS.items():
+    (dataset / name).mkdir()
+    refs[name] = []
+    for i, size in enumerate(sizes):
+      pixels = rng.integers(0, 256, (size, size, 3), np.uint8)
+      path = dataset / name / f"{i:02d}.jpg"
+      Image.fromarray(pixels).save(path, quality=95)
+      refs[name].append(np.asarray(Image.open(path)))
+    generated[name] = rng.integers(0, 256, (2, 2, 40, 40, 3), np.uint8)
+    for p in range(2):
+      ev.write_generated(images, name, p, generated[name][p])
+  return dataset, images, refs, generated
+
+
+def _expected_metrics(refs, generated):
+  """The metrics computed directly: each image through processor and model."""
+  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models.clip import CLIPModel
+  from personalize_jax.models.image_processor import ImageProcessor
+  from personalize_jax.models.tokenizer import load_tokenizer, tokenize
+  from personalize_jax.models.vit import ViTModel
+  # pylint: enable=g-import-not-at-top
+  vit, clip = ViTModel.from_pretrained("tiny"), CLIPModel.from_pretrained("tiny")
+  dino_proc = ImageProcessor.from_pretrained("tiny-dino")
+  clip_proc = ImageProcessor.from_pretrained("tiny")
+  tokenizer = load_tokenizer("tiny")
+
+  dino_fn = nnx.jit(lambda model, px: model(px)[:, 0])
+  clip_fn = nnx.jit(lambda model, px: model.get_image_features(px))
+
+  def embed(images):
+    dino = [np.asarray(dino_fn(vit, dino_proc(im[None]))[0]) for im in images]
+    clip_i = [np.asarray(clip_fn(clip, clip_proc(im[None]))[0]) for im in images]
+    return np.stack(dino), np.stack(clip_i)
+
+  out = {}
+  for name in _REFS:
+    dino_r, clip_r = embed(refs[name])
+    dino_g, clip_g = embed(list(generated[name].reshape(-1, 40, 40, 3)))
+    text = np.asarray(clip.get_text_features(
+        jnp.asarray(tokenize(tokenizer, _PROMPTS[name]))))
+    text = np.repeat(text, 2, axis=0)  # images are [prompt][k]
+    cos_i = _unit(clip_g) @ _unit(clip_r).T
+    cos_t = np.sum(_unit(clip_g) * _unit(text), -1)
+    ref_d, ref_c = _unit(dino_r) @ _unit(dino_r).T, _unit(clip_r) @ _unit(clip_r).T
+    off = ~np.eye(len(refs[name]), dtype=bool)
+    out[name] = {
+        "dino": (_unit(dino_g) @ _unit(dino_r).T).mean(),
+        "clip_i": cos_i.mean(), "clip_t": cos_t.mean(),
+        **{f"harmonic_{lam}": np.mean(1 / (lam / ((cos_i.mean(1) + 1) / 2)
+                                           + (1 - lam) / ((cos_t + 1) / 2)))
+           for lam in (0.3, 0.5, 0.7)},
+        "ref_dino": ref_d[off].mean(), "ref_clip_i": ref_c[off].mean()}
+  return out
+
+
+def test_cli_end_to_end(tmp_path):
+  dataset, images, refs, generated = _write_inputs(tmp_path)
+  workdir = tmp_path / "work"
+  # XLA's LLVM optimisations take most of the CLI's CPU time on tiny models,
+  # and the float results stay far inside the tolerance below.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  cmd = [sys.executable, "-m", "personalize_jax.evaluate",
+         "--config=configs/eval_dreambench.py:tiny",
+         f"--config.dataset_dir={dataset}", f"--config.images_dir={images}",
+         "--config.subjects=teapot,dog", f"--workdir={workdir}"]
+  # The CLI runs while this process computes the expected values.
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  expected = _expected_metrics(refs, generated)
+  stdout, stderr = proc.communicate(timeout=240)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "| dog |" in stdout
+
+  results = json.loads((workdir / "metrics.json").read_text())
+  assert sorted(results["subjects"]) == ["dog", "teapot"]
+  for name, exp in expected.items():
+    got, got_ref = results["subjects"][name], results["reference_subjects"][name]
+    for key in ("dino", "clip_i", "clip_t", "harmonic_0.3", "harmonic_0.5",
+                "harmonic_0.7"):
+      assert got[key] == pytest.approx(exp[key], abs=2e-5), (name, key)
+    assert got_ref["dino"] == pytest.approx(exp["ref_dino"], abs=2e-5)
+    assert got_ref["clip_i"] == pytest.approx(exp["ref_clip_i"], abs=2e-5)
+  for key in results["overall"]:
+    assert results["overall"][key] == pytest.approx(
+        np.mean([results["subjects"][n][key] for n in expected]), rel=1e-9)
+  markdown = (workdir / "metrics.md").read_text()
+  assert "| teapot |" in markdown and "**overall**" in markdown
+  for name, sizes in _REFS.items():
+    with Image.open(workdir / "grids" / f"{name}.png") as grid:
+      # tiny: 32 px thumbnails; references row, gap, one row per prompt.
+      assert grid.size == (max(len(sizes), 2) * 32, 3 * 32 + 8)
+
+
+def test_cli_user_error(tmp_path):
+  dataset, _, _, _ = _write_inputs(tmp_path)
+  proc = subprocess.run(
+      [sys.executable, "-m", "personalize_jax.evaluate",
+       "--config=configs/eval_dreambench.py:tiny",
+       f"--config.dataset_dir={dataset}",
+       f"--config.images_dir={tmp_path / 'absent'}",
+       "--config.subjects=dog", f"--workdir={tmp_path / 'work'}"],
+      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: images_dir") and "absent" in lines[-1]
+
+
+def test_generate_images_wiring(tmp_path, monkeypatch):
+  """The model branch: which pipeline, which prompts, where the images go.
+
+  The pipeline and sampler are stand-ins here; the tiny end-to-end run of the
+  real ones belongs with ``diffusion.generate``.
+  """
+  models = tmp_path / "models"
+  (models / "dog").mkdir(parents=True)
+  (models / "dog" / "model_index.json").write_text("{}")
+  loaded, calls = [], []
+
+  class Pipe:
+    def __init__(self, source):
+      self.source = source
+
+  def fake_load(source):
+    loaded.append(source)
+    return Pipe(source)
+
+  def fake_generate(pipe, prompts, *, rng, num_inference_steps, guidance_scale):
+    calls.append((pipe.source, list(prompts), num_inference_steps,
+                  guidance_scale, np.asarray(jax.random.key_data(rng))))
+    return np.full((len(prompts), 8, 8, 3), len(calls), np.uint8)
+
+  monkeypatch.setattr(ev.pipeline_lib, "load_stable_diffusion", fake_load)
+  monkeypatch.setattr(ev.diffusion, "generate", fake_generate, raising=False)
+  config = _tiny_config()
+  config.model = str(models)
+  prompts = {"dog": ["a sks dog", "a wet sks dog"], "teapot": ["a sks teapot"]}
+  ev.generate_images(config, prompts, tmp_path / "images")
+  assert loaded == [str(models / "dog"), str(models)]
+  assert [c[:4] for c in calls] == [
+      (str(models / "dog"), ["a sks dog"] * 2, 2, 7.5),
+      (str(models / "dog"), ["a wet sks dog"] * 2, 2, 7.5),
+      (str(models), ["a sks teapot"] * 2, 2, 7.5)]
+  assert len({c[4].tobytes() for c in calls}) == 3  # a distinct key per call
+  rows = ev.read_generated(tmp_path / "images", "dog", 2, 2)
+  assert rows[1][1].shape == (8, 8, 3) and (rows[1][1] == 2).all()
+  assert ev.read_prompts_json(tmp_path / "images", ["dog", "teapot"], 1) == (
+      {"dog": ["a sks dog"], "teapot": ["a sks teapot"]}, "sks")
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location(
+      "eval_dreambench_config", ROOT / "configs" / "eval_dreambench.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
