@@ -37,6 +37,7 @@ setup(
             "pytest-xdist",
             "torch==2.13.0",  # the CPU build; a bare `torch` pulls CUDA wheels
             "diffusers==0.42.1",
+            "tensorboard",  # reads our event files back in tests; no TensorFlow
         ],
     },
 )

@@ -274,3 +274,24 @@ def _tiny_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config("tiny")
+
+
+def test_generate_images_with_the_tiny_pipeline(tmp_path):
+  """The model branch with the real loader and sampler: the files written are
+  the images ``diffusion.generate`` makes for each prompt's key."""
+  # pylint: disable=g-import-not-at-top
+  from personalize_jax import diffusion
+  from personalize_jax.models.pipeline import load_stable_diffusion
+  config = _tiny_config()
+  config.model = "tiny"
+  prompts = {"dog": ["a sks dog", "a wet sks dog"]}
+  ev.generate_images(config, prompts, tmp_path / "images")
+  rows = ev.read_generated(tmp_path / "images", "dog", 2, 2)
+  pipeline = load_stable_diffusion("tiny")
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), 1)
+  expected = diffusion.generate(pipeline, ["a wet sks dog"] * 2, rng=key,
+                                num_inference_steps=config.num_inference_steps,
+                                guidance_scale=config.guidance_scale)
+  assert expected.shape == (2, 64, 64, 3)
+  np.testing.assert_array_equal(np.stack(rows[1]), expected)
+  assert not np.array_equal(rows[0][0], rows[1][0])  # prompts differ

@@ -8,7 +8,9 @@ every file is written, so a folder named by a bare number is complete and a
 killed save leaves only a tmp folder that step discovery ignores (and the next
 manager removes). Old checkpoints are first renamed into ``.deleted/`` and
 removed from there, so a kill during deletion cannot leave a half-deleted
-folder that looks like a checkpoint.
+folder that looks like a checkpoint. This covers a killed process; orbax
+does not fsync its small metadata files before the rename, so a power cut
+right after a save is not covered.
 """
 
 import errno
@@ -30,9 +32,7 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # tensorstore, which writes the arrays, reports OS errors as ValueError text.
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded",
                    "os_error_code='28'", "os_error_code='122'")
-
-
-_MAX_DETAIL = 300
+_MAX_DETAIL = 300  # characters of an orbax error quoted in CheckpointError.
 
 
 def _is_disk_full(error: BaseException) -> bool:

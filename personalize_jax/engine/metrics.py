@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, sample grids, progress.
+"""What a run reports: metrics.jsonl, TensorBoard events, grids, progress.
 
 ``metrics.jsonl`` is the record tools and tests read (one JSON object per
 logged step). The same scalars also go to TensorBoard event files, written

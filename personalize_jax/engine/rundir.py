@@ -25,7 +25,7 @@ _MAX_SHOWN_DIFFERENCES = 3
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-  """Writes ``data`` to ``path`` so readers see the old or the new file, never half.
+  """Writes ``data`` to ``path``: readers see the old or new file, never half.
 
   The bytes go to a temporary file in the same folder (so the rename stays on
   one filesystem), are fsynced, and replace ``path`` with ``os.replace``; the

@@ -211,20 +211,10 @@ class Dinov2Model(nnx.Module):
     Raises:
       CheckpointError: the folder, config or weights cannot be loaded.
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype,
-              attention_impl=attention_impl, remat=remat)
-    if str(path_or_hub_id) == presets.TINY:
-      return checkpoint.build_random(
-          lambda: cls(Dinov2Config.from_dict(presets.DINOV2),
-                      rngs=checkpoint.shape_only_rngs(), **kw),
-          seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    values = checkpoint.read_json(folder / "config.json")
-    vit.check_model_type(values, Dinov2Config.MODEL_TYPE, cls.__name__, folder)
-    config = Dinov2Config.from_dict(values)
-    return checkpoint.build_and_load(
-        lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
-        checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=param_dtype)
+    return vit.load_model(cls, Dinov2Config, presets.DINOV2, path_or_hub_id,
+                          subfolder, seed=seed, dtype=dtype,
+                          param_dtype=param_dtype,
+                          attention_impl=attention_impl, remat=remat)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` that transformers loads."""

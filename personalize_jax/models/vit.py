@@ -366,23 +366,30 @@ class ViTModel(nnx.Module):
     Raises:
       CheckpointError: the folder, config or weights cannot be loaded.
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype,
-              attention_impl=attention_impl, remat=remat)
-    if str(path_or_hub_id) == presets.TINY:
-      return checkpoint.build_random(
-          lambda: cls(ViTConfig.from_dict(presets.DINO_VIT),
-                      rngs=checkpoint.shape_only_rngs(), **kw),
-          seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    values = checkpoint.read_json(folder / "config.json")
-    check_model_type(values, ViTConfig.MODEL_TYPE, cls.__name__, folder)
-    config = ViTConfig.from_dict(values)
-    return checkpoint.build_and_load(
-        lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
-        checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=param_dtype,
-        ignore_unexpected=[r"^pooler\."])
+    return load_model(cls, ViTConfig, presets.DINO_VIT, path_or_hub_id,
+                      subfolder, seed=seed, ignore_unexpected=[r"^pooler\."],
+                      dtype=dtype, param_dtype=param_dtype,
+                      attention_impl=attention_impl, remat=remat)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` that transformers loads."""
     return checkpoint.save_pretrained(self, folder, self.config.to_dict(),
                                       checkpoint.TRANSFORMERS_WEIGHTS)
+
+
+def load_model(cls, config_cls, preset: dict, path_or_hub_id, subfolder, *,
+               seed: int, ignore_unexpected=(), **kw):
+  """``from_pretrained`` of the ViT-family ports: ``tiny`` or a checkpoint."""
+  if str(path_or_hub_id) == presets.TINY:
+    return checkpoint.build_random(
+        lambda: cls(config_cls.from_dict(preset),
+                    rngs=checkpoint.shape_only_rngs(), **kw),
+        seed, kw["param_dtype"])
+  folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
+  values = checkpoint.read_json(folder / "config.json")
+  check_model_type(values, config_cls.MODEL_TYPE, cls.__name__, folder)
+  config = config_cls.from_dict(values)
+  return checkpoint.build_and_load(
+      lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
+      checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=kw["param_dtype"],
+      ignore_unexpected=ignore_unexpected)

@@ -1,4 +1,4 @@
-"""Tests for checkpoint save/restore, crash and full-disk safety, and signals."""
+"""Tests for checkpoint save/restore, crash and full-disk safety, signals."""
 
 import errno
 import json
@@ -167,8 +167,8 @@ def test_full_disk_is_a_user_error_and_keeps_previous(tmp_path, monkeypatch):
   assert str(e.value).startswith(
       f"could not write checkpoint at step 2 to {tmp_path}: No space left on "
       "device; free space on that disk (")
-  assert str(e.value).endswith(
-      "MiB free now) or use another --workdir, then rerun to resume from step 1")
+  assert str(e.value).endswith("MiB free now) or use another --workdir, then "
+                               "rerun to resume from step 1")
   assert manager.latest_step() == 1
   state, meta = manager.restore(1, _abstract(_small(0)))
   assert meta == {"step": 1} and float(state["w"][0]) == 1
@@ -255,19 +255,28 @@ def test_restores_into_other_shardings_on_two_devices(tmp_path):
   assert proc.returncode == 0 and out.strip() == "ok"
 
 
-def test_kill_9_during_save_leaves_last_complete_checkpoint(tmp_path):
+def _tmp_folder_exists(directory):
+  return any(TMP in p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("moment", ["writing", "deleting_old"])
+def test_kill_9_during_save_leaves_last_complete_checkpoint(tmp_path, moment):
+  # "writing": as soon as a save's tmp folder appears. "deleting_old": while
+  # an old step, moved to the trash folder, is being removed.
   proc = _child("loop", tmp_path)
   try:
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
-    while not any(TMP in p.name for p in tmp_path.iterdir()):
-      assert time.monotonic() < deadline, "no save started"
+    while not (_tmp_folder_exists(tmp_path) if moment == "writing"
+               else (tmp_path / checkpoints.TRASH_DIR).exists()):
+      assert time.monotonic() < deadline, "the child stopped saving"
       time.sleep(0.001)
     os.kill(proc.pid, signal.SIGKILL)
   finally:
     proc.kill()
     proc.wait()
-  assert any(TMP in p.name for p in tmp_path.iterdir()), "killed too late"
+  if moment == "writing":
+    assert _tmp_folder_exists(tmp_path), "killed after the save committed"
 
   manager = checkpoints.CheckpointManager(tmp_path, keep=2)
   steps = manager.all_steps()
@@ -281,7 +290,8 @@ def test_kill_9_during_save_leaves_last_complete_checkpoint(tmp_path):
     assert float(state["w"].min()) == float(state["w"].max()) == step
   manager.save(steps[-1] + 1, {"w": jnp.zeros((2, 2_000_000))}, {})
   manager.close()
-  assert not any(TMP in p.name for p in tmp_path.iterdir())
+  assert not _tmp_folder_exists(tmp_path)
+  assert len(manager.all_steps()) == 2
 
 
 def test_preemption_handler_sets_flag_and_restores_handlers():

@@ -1,4 +1,4 @@
-"""Tests for metrics.jsonl, TensorBoard event files, sample grids and progress."""
+"""Tests for metrics.jsonl, TensorBoard events, sample grids and progress."""
 
 import json
 import math

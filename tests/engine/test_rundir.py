@@ -35,8 +35,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def holder(tmp_path):
   """A subprocess holding the lock on ``tmp_path / 'run'``."""
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "run")],
-                          stdout=subprocess.PIPE, text=True, env=env)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _HOLDER, str(tmp_path / "run")],
+      stdout=subprocess.PIPE, text=True, env=env)
   assert proc.stdout.readline().strip() == "locked"
   yield proc
   if proc.poll() is None:
