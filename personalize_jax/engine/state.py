@@ -1,0 +1,144 @@
+"""The train state and the jitted train step every method shares.
+
+The state holds only what changes: trainable parameters (fp32 masters), the
+optimizer state, the step and a base PRNG key. Frozen parameters (VAE, text
+encoder, a frozen base U-Net) travel separately, never donated and never in
+the optimizer. Every step's randomness is ``fold_in(state.rng, step)``, so a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from personalize_jax.engine import optim, sharding
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a checkpoint holds (with the data position in its metadata)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def _onto_mesh(tree, mesh: Mesh):
+  """Replicates leaves that are not laid out on ``mesh`` yet (scalars, counts)."""
+  replicated = sharding.replicated(mesh)
+
+  def place(x):
+    if isinstance(getattr(x, "sharding", None), NamedSharding):
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)
+
+
+def place_params(params, mesh: Mesh, dtype=None):
+  """Puts an ``nnx.State`` (or a dict of them) onto the mesh by logical axes.
+
+  Args:
+    params: the parameters; leaves may live on the host.
+    mesh: the device mesh.
+    dtype: cast floating leaves to this dtype first (bf16 frozen copies).
+  """
+  if dtype is not None:
+    params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+        else x, params)
+  return jax.device_put(params, sharding.state_shardings(params, mesh))
+
+
+def create_train_state(params, tx: optax.GradientTransformation, seed: int,
+                       mesh: Mesh) -> TrainState:
+  """The sharded initial state: parameters placed, optimizer state made on device.
+
+  The optimizer state is created by a jitted ``tx.init`` on the already
+  sharded parameters, so its moments inherit their layout and nothing of
+  model size is ever built on the host.
+  """
+  params = place_params(params, mesh)
+  opt_state = _onto_mesh(jax.jit(tx.init)(params), mesh)
+  replicated = sharding.replicated(mesh)
+  return TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+      params=params, opt_state=opt_state,
+      rng=jax.device_put(jax.random.key(seed), replicated))
+
+
+def shardings_of(tree):
+  """The sharding of every leaf of a placed pytree (for jit and restore)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def abstract_of(tree):
+  """``ShapeDtypeStruct``s with shardings: the target of a checkpoint restore."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, labels, *, nan_policy: str,
+                    state_shardings, frozen_shardings, mesh: Mesh):
+  """Builds the jitted ``train_step(state, frozen, batch) -> (state, metrics)``.
+
+  Args:
+    loss_fn: the method's pure loss ``(params, frozen, batch, rng)``.
+    tx: the optimizer (masked to trainable leaves).
+    schedule: the learning-rate schedule, reported per step.
+    labels: ``optim.trainable_labels`` of the params, for the gradient norm.
+    nan_policy: ``skip`` keeps the old params and optimizer state when the
+      loss or gradients are not finite; ``stop`` applies the update (the loop
+      stops without saving it).
+    state_shardings: shardings of ``TrainState`` leaves.
+    frozen_shardings: shardings of the frozen parameters.
+    mesh: the mesh; batches are split along their leading axis over it.
+  """
+
+  def train_step(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, frozen, batch, rng)
+    trained = jax.tree.map(
+        lambda g, label: g if label == optim.TRAIN else jnp.zeros_like(g),
+        grads, labels)
+    grad_norm = optax.global_norm(trained)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if nan_policy == "skip":
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   learning_rate=schedule(state.step), finite=finite)
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  return jax.jit(
+      train_step,
+      in_shardings=(state_shardings, frozen_shardings,
+                    sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Global host batch -> arrays split over all devices along the batch axis.
+
+  On several processes (Cloud TPU pods) each process holds the whole global
+  batch (it is a deterministic function of the step) and contributes the rows
+  its devices own.
+  """
+  target = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_callback(v.shape, target,
+                                          lambda index, v=v: v[index])
+          for k, v in batch.items()}

@@ -1,0 +1,209 @@
+"""``train_and_evaluate``: one loop for every method.
+
+Sections: config -> run directory -> mesh -> models -> method data -> state
+-> checkpoint -> loop (step, log, samples, checkpoint, preemption) -> export.
+"""
+
+import dataclasses
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from personalize_jax import diffusion
+from personalize_jax.engine import checkpoints, metrics as metrics_lib
+from personalize_jax.engine import config as config_lib
+from personalize_jax.engine import optim, rundir, sharding, state as state_lib
+from personalize_jax.errors import UserError
+from personalize_jax.methods import base
+from personalize_jax.models.pipeline import load_stable_diffusion
+
+METHODS = {
+    "dreambooth": "personalize_jax.methods.dreambooth:DreamBooth",
+    "custom_diffusion": "personalize_jax.methods.custom_diffusion:CustomDiffusion",
+    "rpo": "personalize_jax.methods.rpo:RPO",
+    "lookforward": "personalize_jax.methods.lookforward:LookForward",
+}
+
+
+class TrainingStopped(Exception):
+  """The run stopped on purpose (NaN/Inf): one line says why and what remains."""
+
+
+def method_class(name: str) -> type:
+  module, cls = METHODS[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def compute_dtype(config) -> Any:
+  return jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a finished (or stopped) run reports."""
+  workdir: Path
+  steps: int
+  last_metrics: dict
+  stopped_by: str | None = None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Summary:
+  """Trains ``config.method`` in ``workdir``, resuming from its checkpoints."""
+  # ---------------------------------------------------------------- config
+  config_lib.validate(config, jax.device_count())
+  workdir = base.workdir_path(workdir)
+  with rundir.WorkdirLock(workdir):
+    rundir.check_or_write_config(workdir, config, overwrite=config.overwrite,
+                                 ignore=("overwrite",))
+    return _run(config, workdir)
+
+
+def _run(config, workdir: Path) -> Summary:
+  # ------------------------------------------------------------------ mesh
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  dtype = compute_dtype(config)
+  # ---------------------------------------------------------------- models
+  pipeline = load_stable_diffusion(
+      config.model.pretrained, dtype=dtype,
+      attention_impl=config.model.attention_impl, remat=config.model.remat,
+      seed=config.seed)
+  # ------------------------------------------------------------------ data
+  method = method_class(config.method)(
+      base.Context(config=config, workdir=workdir, pipeline=pipeline,
+                   mesh=mesh))
+  method.prepare()
+  # ----------------------------------------------------------------- state
+  params, frozen_states = {}, {}
+  for name, module in method.trainable_modules().items():
+    method.graphdefs[name], params[name] = nnx.split(module)
+  for name, module in method.frozen_modules().items():
+    method.graphdefs[name], frozen_states[name] = nnx.split(module)
+  labels = optim.trainable_labels(params, config.trainable)
+  if optim.TRAIN not in jax.tree.leaves(labels):
+    raise UserError(
+        f"config.trainable={list(config.trainable)} matches no parameter of "
+        f"{sorted(params)}; use regexes over names like "
+        "'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight'")
+  tx, schedule = optim.make_optimizer(config, params)
+  state = state_lib.create_train_state(params, tx, config.seed, mesh)
+  del params
+  frozen_dtype = dtype if config.mixed_precision == "bf16" else None
+  frozen = {
+      "modules": state_lib.place_params(frozen_states, mesh, frozen_dtype),
+      "constants": jax.device_put(method.constants(),
+                                  sharding.replicated(mesh)),
+  }
+  state_shardings = state_lib.shardings_of(state)
+  logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
+               100 * sharding.sharded_fraction(
+                   state.params, jax.tree.map(lambda x: x.sharding,
+                                              state.params)))
+  # ------------------------------------------------------------ checkpoint
+  manager = checkpoints.CheckpointManager(workdir / "checkpoints",
+                                          keep=config.keep_checkpoints)
+  start = manager.latest_step() or 0
+  if start:
+    state, _ = manager.restore(start, state_lib.abstract_of(state))
+    logging.info("resumed from step %d", start)
+  train_step = state_lib.make_train_step(
+      method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
+      state_shardings=state_shardings,
+      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh)
+  # ------------------------------------------------------------------ loop
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  bar = metrics_lib.progress(config.num_steps, initial=start,
+                             desc=config.method)
+  last, stopped_by = {}, None
+  window_start, window_steps = time.perf_counter(), 0
+  with checkpoints.PreemptionHandler() as preemption:
+    for step in range(start, config.num_steps):
+      batch = state_lib.shard_batch(method.batch(step), mesh)
+      state, step_metrics = train_step(state, frozen, batch)
+      done = step + 1
+      window_steps += 1
+      if not bool(step_metrics["finite"]) and config.nan_policy == "stop":
+        good = manager.latest_step()
+        where = (f"step {good} in {workdir / 'checkpoints' / str(good)}"
+                 if good else "none (no checkpoint was written yet)")
+        raise TrainingStopped(
+            f"step {done}: the loss or gradients are NaN/Inf, so training "
+            f"stopped without saving that update; the last good checkpoint is "
+            f"{where}; lower --config.learning_rate or set "
+            "--config.nan_policy=skip")
+      last_step = done == config.num_steps
+      if done % config.log_every_steps == 0 or last_step:
+        elapsed = time.perf_counter() - window_start
+        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        last["perf/steps_per_sec"] = window_steps / elapsed
+        last["perf/images_per_sec"] = (window_steps * config.batch_size
+                                       / elapsed)
+        writer.write(done, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+        window_start, window_steps = time.perf_counter(), 0
+      if done % config.eval_every_steps == 0 or last_step:
+        scalars = evaluate(method, pipeline, state.params, done, workdir)
+        if scalars:
+          writer.write(done, scalars)
+          last.update(scalars)
+        window_start = time.perf_counter()
+      bar.update(1)
+      stop = preemption.stop_requested
+      if done % config.checkpoint_every_steps == 0 or last_step or stop:
+        manager.save(done, state, {"step": done, "data_position": done})
+      if stop:
+        stopped_by = preemption.signal_name
+        break
+  bar.close()
+  manager.wait()
+  manager.close()
+  writer.close()
+  steps = int(jax.device_get(state.step))
+  if stopped_by is None:
+    export(method, pipeline, state.params, workdir, config)
+  return Summary(workdir=workdir, steps=steps, last_metrics=last,
+                 stopped_by=stopped_by)
+
+
+def with_params(method, pipeline, params) -> Any:
+  """A shallow copy of ``pipeline`` whose trained modules use ``params``."""
+  replaced = {name: method.module(name, state) for name, state in params.items()
+              if name in ("unet", "text_encoder", "vae")}
+  return dataclasses.replace(pipeline, **replaced)
+
+
+def evaluate(method, pipeline, params, step: int, workdir: Path) -> dict:
+  """Sample grid of the eval prompts (fixed seed) and the method's own scores."""
+  config = method.config
+  current = with_params(method, pipeline, params)
+  prompts = method.eval_prompts()
+  images = diffusion.generate(
+      current, prompts, seed=config.eval.seed,
+      num_inference_steps=config.eval.num_inference_steps,
+      guidance_scale=config.eval.guidance_scale,
+      resolution=config.data.resolution,
+      batch_size=max(len(method.ctx.mesh.devices.flat), len(prompts)))
+  metrics_lib.save_grid(images, workdir / "samples" / f"step_{step:06d}.png",
+                        captions=prompts)
+  return method.evaluate(step, current)
+
+
+def export(method, pipeline, params, workdir: Path, config) -> Path:
+  """Writes the fine-tuned pipeline (diffusers layout) to ``<workdir>/export``."""
+  folder = workdir / "export"
+  trained = with_params(method, pipeline, params)
+  trained.save_pretrained(folder)
+  # Not config.json: that name belongs to the components in diffusers layouts.
+  rundir.atomic_write_text(folder / "train_config.json",
+                           json.dumps(config.to_dict(), indent=2,
+                                      sort_keys=True, default=str) + "\n")
+  logging.info("exported the fine-tuned pipeline to %s", folder)
+  return folder

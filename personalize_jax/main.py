@@ -1,0 +1,75 @@
+"""Train a personalized text-to-image model.
+
+  python -m personalize_jax.main --config=configs/rpo_tpu.py --workdir=/tmp/run
+  python -m personalize_jax.main --config=configs/dreambooth_tpu.py:tiny \
+      --workdir=/tmp/db --config.num_steps=20
+
+Re-running the same command on the same workdir resumes from its last
+checkpoint. Errors in what you passed end in one line and exit code 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from personalize_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: path.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() first (multi-host TPU pods / GPU hosts).")
+
+
+def _fail(message: str, code: int = 2):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse(argv):
+  """absl parsing whose errors are one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (ValueError, KeyError, AttributeError, TypeError) as e:
+    # config_flags reports unknown keys and bad override types this way.
+    _fail(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+
+
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv) -> None:
+  del argv
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  if _CONFIG.value is None or not _WORKDIR.value:
+    _fail("pass --config=configs/<recipe>.py[:variant] and --workdir=DIR")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    _fail(str(e))
+  except train.TrainingStopped as e:
+    _fail(str(e), code=1)
+  if summary.stopped_by:
+    print(f"stopped by {summary.stopped_by} at step {summary.steps}; the "
+          "checkpoint is saved: run the same command again to resume")
+    return
+  logging.info("done: %d steps in %s", summary.steps, summary.workdir)
+  print(f"trained {summary.steps} steps; fine-tuned model in "
+        f"{summary.workdir / 'export'}, metrics in "
+        f"{summary.workdir / 'metrics.jsonl'}, samples in "
+        f"{summary.workdir / 'samples'}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse)
