@@ -8,6 +8,7 @@ Re-running the same command on the same workdir resumes from its last
 checkpoint. Errors in what you passed end in one line and exit code 2.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -42,12 +43,12 @@ def _parse(argv):
 
 def _quiet_orbax(record) -> bool:
   """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv) -> None:
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("pass --config=configs/<recipe>.py[:variant] and --workdir=DIR")
   import jax  # pylint: disable=g-import-not-at-top
