@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200  # orbax checkpoint cadence (also at the end).
   c.eval_every_steps = 200  # sample grids (and validation where the method has it).
   c.keep_checkpoints = 2  # how many step folders to keep in checkpoints/.
+  c.early_stopping_patience = 0  # stop after N evals without a better best metric (0 = off).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.prompts = [  # validation prompts ({token}, {class_name} filled in).
@@ -95,6 +96,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       value = value[part]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       _fail(key, value, "it must be a positive integer")
+  if (not isinstance(config.early_stopping_patience, int)
+      or config.early_stopping_patience < 0):
+    _fail("early_stopping_patience", config.early_stopping_patience,
+          "it must be 0 (off) or a positive number of evaluations")
   if not config.learning_rate > 0:
     _fail("learning_rate", config.learning_rate, "it must be a positive number")
   if config.mixed_precision not in MIXED_PRECISION:

@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -34,12 +35,48 @@ def param_names(params: Mapping[str, nnx.State]) -> Any:
 
 
 def trainable_labels(params: Mapping[str, nnx.State],
-                     patterns: Sequence[str]) -> Any:
-  """``"train"``/``"freeze"`` per leaf: trained when any regex searches its name."""
+                     patterns: Sequence[str],
+                     extra: Mapping[str, Sequence[str]] | None = None) -> Any:
+  """A label per leaf: the first of ``extra``'s labels whose regexes match,
+  else ``"train"`` when a ``patterns`` regex searches its name, else ``"freeze"``.
+  """
   compiled = [re.compile(p) for p in patterns]
-  return jax.tree.map(
-      lambda n: TRAIN if any(p.search(n) for p in compiled) else FREEZE,
-      param_names(params))
+  groups = [(label, [re.compile(p) for p in regexes])
+            for label, regexes in (extra or {}).items()]
+
+  def label(name):
+    for group, regexes in groups:
+      if any(p.search(name) for p in regexes):
+        return group
+    return TRAIN if any(p.search(name) for p in compiled) else FREEZE
+
+  return jax.tree.map(label, param_names(params))
+
+
+def mask_rows(params: Mapping[str, nnx.State],
+              row_masks: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Zeroes the updates of all but the selected rows of some parameters.
+
+  Args:
+    params: the parameters (for names and shapes).
+    row_masks: ``{"component.torch.key": bool rows}``: only rows marked True
+      change (Custom Diffusion trains the new token's embedding row alone).
+      Applied after weight decay, so the other rows stay bit-identical.
+  """
+  def factor(name, leaf):
+    if name not in row_masks:
+      return None
+    rows = jnp.asarray(row_masks[name], leaf.dtype)
+    return rows.reshape(rows.shape + (1,) * (leaf.ndim - 1))
+
+  factors = jax.tree.map(factor, param_names(params), params)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u if f is None else u * f, updates,
+                        factors, is_leaf=lambda x: x is None), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -58,9 +95,24 @@ def learning_rate_schedule(config) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(config, params: Mapping[str, nnx.State]
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW + global-norm clipping on trainable leaves, zero updates elsewhere."""
+def make_optimizer(config, params: Mapping[str, nnx.State], *,
+                   extra: Mapping[str, tuple[Sequence[str],
+                                             optax.GradientTransformation]]
+                   | None = None,
+                   row_masks: Mapping[str, Any] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+  """AdamW + global-norm clipping on trainable leaves, zero updates elsewhere.
+
+  Args:
+    config: the run config (``learning_rate``, ``optimizer``, ``trainable``).
+    params: the trainable components' parameters.
+    extra: ``{label: (regexes, optimizer)}`` for leaves that a method trains
+      with an optimizer of its own (Look Forward's critic uses SGD).
+    row_masks: see ``mask_rows``.
+
+  Returns:
+    The optimizer, the learning-rate schedule, and the label of every leaf.
+  """
   schedule = learning_rate_schedule(config)
   opt = config.optimizer
   chain = []
@@ -68,7 +120,12 @@ def make_optimizer(config, params: Mapping[str, nnx.State]
     chain.append(optax.clip_by_global_norm(opt.clip_grad_norm))
   chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                            weight_decay=opt.weight_decay))
-  tx = optax.multi_transform(
-      {TRAIN: optax.chain(*chain), FREEZE: optax.set_to_zero()},
-      trainable_labels(params, config.trainable))
-  return tx, schedule
+  extra = extra or {}
+  labels = trainable_labels(params, config.trainable,
+                            {k: v[0] for k, v in extra.items()})
+  transforms = {TRAIN: optax.chain(*chain), FREEZE: optax.set_to_zero()}
+  transforms.update({k: v[1] for k, v in extra.items()})
+  tx = optax.multi_transform(transforms, labels)
+  if row_masks:
+    tx = optax.chain(tx, mask_rows(params, row_masks))
+  return tx, schedule, labels

@@ -87,7 +87,8 @@ def abstract_of(tree):
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, labels, *, nan_policy: str,
-                    state_shardings, frozen_shardings, mesh: Mesh):
+                    state_shardings, frozen_shardings, mesh: Mesh,
+                    post_update: Callable[[Any, jax.Array], Any] | None = None):
   """Builds the jitted ``train_step(state, frozen, batch) -> (state, metrics)``.
 
   Args:
@@ -101,6 +102,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     state_shardings: shardings of ``TrainState`` leaves.
     frozen_shardings: shardings of the frozen parameters.
     mesh: the mesh; batches are split along their leading axis over it.
+    post_update: ``(params, step) -> params`` applied after the optimizer
+      (a method's non-gradient updates, e.g. a lagging target network).
   """
 
   def train_step(state: TrainState, frozen, batch):
@@ -108,11 +111,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, frozen, batch, rng)
     trained = jax.tree.map(
-        lambda g, label: g if label == optim.TRAIN else jnp.zeros_like(g),
+        lambda g, label: jnp.zeros_like(g) if label == optim.FREEZE else g,
         grads, labels)
     grad_norm = optax.global_norm(trained)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if post_update is not None:
+      params = post_update(params, state.step)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
       keep = lambda new, old: jnp.where(finite, new, old)

@@ -87,13 +87,14 @@ def _run(config, workdir: Path) -> Summary:
     method.graphdefs[name], params[name] = nnx.split(module)
   for name, module in method.frozen_modules().items():
     method.graphdefs[name], frozen_states[name] = nnx.split(module)
-  labels = optim.trainable_labels(params, config.trainable)
+  tx, schedule, labels = optim.make_optimizer(
+      config, params, extra=method.extra_optimizers(),
+      row_masks=method.row_masks())
   if optim.TRAIN not in jax.tree.leaves(labels):
     raise UserError(
         f"config.trainable={list(config.trainable)} matches no parameter of "
         f"{sorted(params)}; use regexes over names like "
         "'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight'")
-  tx, schedule = optim.make_optimizer(config, params)
   state = state_lib.create_train_state(params, tx, config.seed, mesh)
   del params
   frozen_dtype = dtype if config.mixed_precision == "bf16" else None
@@ -111,13 +112,16 @@ def _run(config, workdir: Path) -> Summary:
   manager = checkpoints.CheckpointManager(workdir / "checkpoints",
                                           keep=config.keep_checkpoints)
   start = manager.latest_step() or 0
+  best = Best(method.best_metric, config.early_stopping_patience)
   if start:
-    state, _ = manager.restore(start, state_lib.abstract_of(state))
+    state, meta = manager.restore(start, state_lib.abstract_of(state))
+    best.restore(meta)
     logging.info("resumed from step %d", start)
   train_step = state_lib.make_train_step(
       method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
       state_shardings=state_shardings,
-      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh)
+      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
+      post_update=method.post_update)
   # ------------------------------------------------------------------ loop
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   bar = metrics_lib.progress(config.num_steps, initial=start,
@@ -154,23 +158,72 @@ def _run(config, workdir: Path) -> Summary:
         if scalars:
           writer.write(done, scalars)
           last.update(scalars)
+        if best.update(done, scalars):
+          export(method, pipeline, state.params, workdir, config)
+          best.write(workdir)
         window_start = time.perf_counter()
       bar.update(1)
       stop = preemption.stop_requested
-      if done % config.checkpoint_every_steps == 0 or last_step or stop:
-        manager.save(done, state, {"step": done, "data_position": done})
+      early = best.exhausted
+      if (done % config.checkpoint_every_steps == 0 or last_step or stop
+          or early):
+        manager.save(done, state, {"step": done, "data_position": done,
+                                   **best.state()})
       if stop:
         stopped_by = preemption.signal_name
+        break
+      if early:
+        logging.info("early stopping at step %d: no better %s for %d "
+                     "evaluations", done, best.name, best.patience)
         break
   bar.close()
   manager.wait()
   manager.close()
   writer.close()
   steps = int(jax.device_get(state.step))
-  if stopped_by is None:
+  if stopped_by is None and best.name is None:
     export(method, pipeline, state.params, workdir, config)
   return Summary(workdir=workdir, steps=steps, last_metrics=last,
                  stopped_by=stopped_by)
+
+
+class Best:
+  """Tracks a method's best evaluation scalar; the export follows the best step."""
+
+  def __init__(self, metric: tuple[str, str] | None, patience: int):
+    self.name, self.mode = metric if metric else (None, "max")
+    self.patience = patience
+    self.step, self.value, self.evals_since = None, None, 0
+
+  def update(self, step: int, scalars: dict) -> bool:
+    """Records an evaluation; True when it is a new best."""
+    if self.name is None or self.name not in scalars:
+      return False
+    value = float(scalars[self.name])
+    better = self.value is None or (value > self.value if self.mode == "max"
+                                    else value < self.value)
+    if better:
+      self.step, self.value, self.evals_since = step, value, 0
+    else:
+      self.evals_since += 1
+    return better
+
+  @property
+  def exhausted(self) -> bool:
+    return bool(self.patience) and self.evals_since >= self.patience
+
+  def state(self) -> dict:
+    return {"best_step": self.step, "best_value": self.value,
+            "evals_since_best": self.evals_since}
+
+  def restore(self, meta: dict) -> None:
+    self.step = meta.get("best_step")
+    self.value = meta.get("best_value")
+    self.evals_since = meta.get("evals_since_best", 0)
+
+  def write(self, workdir: Path) -> None:
+    rundir.atomic_write_text(workdir / "best.json", json.dumps(
+        {"step": self.step, self.name: self.value}) + "\n")
 
 
 def with_params(method, pipeline, params) -> Any:

@@ -12,6 +12,13 @@ A method is a loss, the data it needs and a config. The engine calls, in order:
   loss_fn(params, frozen, batch, rng) -> (loss, metrics), pure and jitted
   evaluate(step, pipeline) -> scalars, at every eval step (optional)
 
+Optional hooks: ``extra_optimizers()`` (leaves trained by an optimizer of
+their own), ``row_masks()`` (only some rows of a parameter train),
+``post_update(params, step)`` (non-gradient updates inside the jitted step),
+and ``best_metric`` (a scalar of ``evaluate`` whose best value selects the
+exported model; ``config.early_stopping_patience`` stops after that many
+evaluations without improvement).
+
 ``frozen`` is ``{"modules": {name: state}, "constants": {name: array}}``.
 """
 
@@ -76,6 +83,19 @@ class Method:
   def evaluate(self, step: int, pipeline: Any) -> dict[str, float]:
     del step, pipeline
     return {}
+
+  # (name, "max" | "min") of an ``evaluate`` scalar that selects the export.
+  best_metric: tuple[str, str] | None = None
+
+  def extra_optimizers(self) -> dict:
+    """``{label: (regexes, optax transform)}``; see ``optim.make_optimizer``."""
+    return {}
+
+  def row_masks(self) -> dict:
+    """``{"component.torch.key": bool rows}``; see ``optim.mask_rows``."""
+    return {}
+
+  post_update = None  # or a method ``(params, step) -> params``
 
   def module(self, name: str, state) -> nnx.Module:
     """A module rebuilt from its graph and a (traced) parameter state."""
