@@ -1,6 +1,6 @@
 """Install: ``pip install -e .`` (runtime) or ``pip install -e .[test]`` (tests)."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="personalize_jax",
@@ -11,8 +11,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["personalize_jax", "personalize_jax.*"]),
-    package_data={"personalize_jax": ["models/assets/*/*"]},
+    # Namespace discovery so the data-only folder models/assets/clip_tokenizer
+    # (the shipped CLIP vocabulary) is a package and its files ship.
+    packages=find_namespace_packages(include=["personalize_jax", "personalize_jax.*"],
+                                     exclude=["*.__pycache__"]),
+    package_data={"personalize_jax.models.assets.clip_tokenizer": ["*"]},
     include_package_data=True,
     install_requires=[
         "jax==0.10.2",
