@@ -427,6 +427,35 @@ class CLIPTextModel(_Pretrained, nnx.Module):
     """
     return self.text_model(input_ids_bt)
 
+  def with_added_tokens(self, rows_nd) -> "CLIPTextModel":
+    """A copy whose token table has ``rows_nd`` appended as new token ids.
+
+    For tokens added to the tokenizer (``tokenizer.add_tokens``): row ``i``
+    becomes the embedding of id ``vocab_size + i``. The other parameters are
+    shared with this model, and ``config.vocab_size`` grows, so
+    ``save_pretrained`` writes a checkpoint transformers loads as is.
+
+    Args:
+      rows_nd: ``(num_new, hidden_size)`` initial embeddings of the new ids.
+    """
+    old = self.text_model.embeddings.token_embedding
+    rows_nd = jnp.asarray(rows_nd, old.param_dtype)
+    if rows_nd.ndim != 2 or rows_nd.shape[1] != self.config.hidden_size:
+      raise ValueError(f"new token rows have shape {rows_nd.shape}, expected "
+                       f"(num_new, {self.config.hidden_size})")
+    config = dataclasses.replace(
+        self.config, vocab_size=self.config.vocab_size + rows_nd.shape[0])
+    # Abstract, then filled: no random table of the new size is ever drawn.
+    table = nnx.eval_shape(lambda: layers.embed(
+        config.vocab_size, config.hidden_size, dtype=old.dtype,
+        param_dtype=old.param_dtype, rngs=checkpoint.shape_only_rngs()))
+    table.embedding.set_value(
+        jnp.concatenate([old.embedding.get_value(), rows_nd]))
+    grown = nnx.clone(self)
+    grown.config = config
+    grown.text_model.embeddings.token_embedding = table
+    return grown
+
 
 class CLIPVisionModel(_Pretrained, nnx.Module):
   """transformers' ``CLIPVisionModel`` on NHWC images."""

@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
 
 
 def _diffusers_images(pipe, rng):
-  latents = np.asarray(diffusion.initial_latents(rng, range(len(PROMPTS)),
+  latents = np.array(diffusion.initial_latents(rng, range(len(PROMPTS)),
                                                  (8, 8, 4)))
   out = pipe(PROMPTS, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
              num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
