@@ -35,9 +35,21 @@ def _parse(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  except (ValueError, KeyError, AttributeError, TypeError) as e:
-    # config_flags reports unknown keys and bad override types this way.
+    # A recipe that raises arrives with its traceback: keep the flag and the
+    # exception's own line.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(lines[0] if len(lines) == 1
+          else f"{lines[0].split(': ')[0]}: {lines[-1]}")
+  except (KeyError, AttributeError) as e:
+    # config_flags reports an unknown key as a bare "'key'": name the flag.
+    key = str(e).strip("\"' ")
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=")[0]
+                 .split(".")), f"--config.{key}")
+    _fail(f"{flag}: the config has no key {key!r}; check its spelling against "
+          "the recipe file and personalize_jax/engine/config.py")
+  except (ValueError, TypeError) as e:
+    # config_flags reports bad override types and recipe errors this way.
     _fail(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
 
 
@@ -51,6 +63,11 @@ def main(argv) -> None:
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("pass --config=configs/<recipe>.py[:variant] and --workdir=DIR")
+  try:
+    _CONFIG.value.get("method")
+  except OSError as e:
+    # config_flags defers a config file that failed to load to first use.
+    _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -26,7 +26,9 @@ def param_names(params: Mapping[str, nnx.State]) -> Any:
 
   def name(component):
     def leaf_name(path, _):
-      keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+      # nnx.State paths end in GetAttrKey("value") (the Variable's payload).
+      keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path
+                   if not isinstance(k, jax.tree_util.GetAttrKey))
       return f"{component}.{checkpoint.torch_key(keys)}"
     return leaf_name
 

@@ -18,11 +18,13 @@ from absl import logging
 from flax import nnx
 
 from personalize_jax import diffusion
+from personalize_jax.data import images as images_lib
 from personalize_jax.engine import checkpoints, metrics as metrics_lib
 from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import optim, rundir, sharding, state as state_lib
 from personalize_jax.errors import UserError
 from personalize_jax.methods import base
+from personalize_jax.models import checkpoint
 from personalize_jax.models.pipeline import load_stable_diffusion
 
 METHODS = {
@@ -60,11 +62,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains ``config.method`` in ``workdir``, resuming from its checkpoints."""
   # ---------------------------------------------------------------- config
   config_lib.validate(config, jax.device_count())
+  preflight(config)
   workdir = base.workdir_path(workdir)
+  if not is_chief():
+    # On a pod every process trains; process 0 alone owns the run directory
+    # (lock, config.json, metrics, grids, export). Orbax coordinates the
+    # checkpoint writes of all processes itself.
+    return _run(config, workdir)
   with rundir.WorkdirLock(workdir):
     rundir.check_or_write_config(workdir, config, overwrite=config.overwrite,
                                  ignore=("overwrite",))
     return _run(config, workdir)
+
+
+def is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def preflight(config) -> None:
+  """Checks what the user pointed at before anything is written to the workdir.
+
+  The model folder (or Hub id) and the instance photos are the inputs most
+  often wrong; finding out after the run directory exists would leave a
+  half-made run behind.
+  """
+  if config.model.pretrained != "tiny":
+    folder = checkpoint.resolve_pretrained(config.model.pretrained)
+    if not (folder / "model_index.json").is_file():
+      raise UserError(
+          f"config.model.pretrained={config.model.pretrained!r} is not a "
+          "diffusers pipeline folder (no model_index.json); pass the folder "
+          "holding unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
+  if config.data.instance_dir:
+    images_lib.load_instance_images(
+        config.data.instance_dir, min_side=config.data.min_image_side,
+        skip_bad_images=config.data.skip_bad_images, warn=logging.warning)
 
 
 def _run(config, workdir: Path) -> Summary:
@@ -123,7 +155,8 @@ def _run(config, workdir: Path) -> Summary:
       frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
       post_update=method.post_update)
   # ------------------------------------------------------------------ loop
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start)
+            if is_chief() else _NoWriter())
   bar = metrics_lib.progress(config.num_steps, initial=start,
                              desc=config.method)
   last, stopped_by = {}, None
@@ -160,7 +193,8 @@ def _run(config, workdir: Path) -> Summary:
           last.update(scalars)
         if best.update(done, scalars):
           export(method, pipeline, state.params, workdir, config)
-          best.write(workdir)
+          if is_chief():
+            best.write(workdir)
         window_start = time.perf_counter()
       bar.update(1)
       stop = preemption.stop_requested
@@ -185,6 +219,16 @@ def _run(config, workdir: Path) -> Summary:
     export(method, pipeline, state.params, workdir, config)
   return Summary(workdir=workdir, steps=steps, last_metrics=last,
                  stopped_by=stopped_by)
+
+
+class _NoWriter:
+  """Stands in for ``MetricsWriter`` on processes other than 0."""
+
+  def write(self, step, scalars):
+    del step, scalars
+
+  def close(self):
+    pass
 
 
 class Best:
@@ -244,14 +288,21 @@ def evaluate(method, pipeline, params, step: int, workdir: Path) -> dict:
       guidance_scale=config.eval.guidance_scale,
       resolution=config.data.resolution,
       batch_size=max(len(method.ctx.mesh.devices.flat), len(prompts)))
-  metrics_lib.save_grid(images, workdir / "samples" / f"step_{step:06d}.png",
-                        captions=prompts)
+  if is_chief():
+    metrics_lib.save_grid(images, workdir / "samples" / f"step_{step:06d}.png",
+                          captions=prompts)
   return method.evaluate(step, current)
 
 
 def export(method, pipeline, params, workdir: Path, config) -> Path:
   """Writes the fine-tuned pipeline (diffusers layout) to ``<workdir>/export``."""
   folder = workdir / "export"
+  # A replicated copy: every process can then read whole arrays (on a pod no
+  # process can read a sharded one), and process 0 writes them.
+  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(
+      method.ctx.mesh))(params)
+  if not is_chief():
+    return folder
   trained = with_params(method, pipeline, params)
   trained.save_pretrained(folder)
   # Not config.json: that name belongs to the components in diffusers layouts.

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Trains one model per DreamBench subject with one recipe, then evaluates them
+# all (DINO, CLIP-I, CLIP-T, H(lambda)). `--help` for the options.
+set -euo pipefail
+
+PROG=$(basename "$0")
+CLASSES_FILE=prompts_and_classes.txt
+
+usage() {
+  cat <<EOF
+Usage: $PROG --config=configs/RECIPE.py[:variant] --dataset-dir=DIR --out=DIR [options] [-- --config.KEY=VALUE ...]
+
+For each subject: python -m personalize_jax.main --config=RECIPE
+--workdir=OUT/SUBJECT --config.data.instance_dir=DATASET/SUBJECT
+--config.data.class_name=CLASS (the class noun from DATASET/$CLASSES_FILE),
+then links OUT/models/SUBJECT -> ../SUBJECT/export (each run's fine-tuned
+pipeline) and runs python -m personalize_jax.evaluate with
+--config.model=OUT/models, which samples each subject from its own pipeline.
+The metrics table is written to OUT/eval/metrics.md (and metrics.json,
+grids/). Re-running resumes unfinished runs from their checkpoints. Arguments
+after '--' are passed to every training run unchanged.
+
+Options:
+  --config=PATH[:VARIANT]     training recipe (required)
+  --dataset-dir=DIR           the DreamBooth dataset: one folder of photos per
+                              subject and $CLASSES_FILE (required)
+  --out=DIR                   where the runs, models/ and eval/ go (required)
+  --subjects=all|A,B,...      subjects to train and evaluate (default: all)
+  --eval-config=PATH[:VAR]    evaluation config (default:
+                              configs/eval_dreambench.py)
+  --eval-arg=ARG              extra argument for the evaluation, e.g.
+                              --eval-arg=--config.num_prompts=5 (repeatable)
+  --skip-train                only link the models and evaluate
+  --skip-eval                 only train
+  --python=PY                 Python interpreter (default: python)
+  --dry-run                   print every command, one per line; run nothing
+  -h, --help                  this help
+
+Example:
+  $PROG --config=configs/rpo_tpu.py --dataset-dir=../shared/dreambench/dataset \\
+      --out=/tmp/rpo-dreambench --subjects=dog,backpack -- --config.num_steps=400
+EOF
+}
+
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+
+# Shell-quotes each argument only where needed, so printed commands paste back
+# (--flag='a value' keeps the flag name outside the quotes).
+quote() {
+  local out="" a prefix q="'" escaped="'\\''"
+  for a in "$@"; do
+    prefix=""
+    if [[ $a =~ ^--[A-Za-z0-9_.-]+= ]]; then
+      prefix=${BASH_REMATCH[0]}; a=${a#"$prefix"}
+    fi
+    if [[ -z $a || $a == *[!A-Za-z0-9_./:=,@%+-]* ]]; then
+      a=${a//"$q"/"$escaped"}; a="'$a'"
+    fi
+    out+=" $prefix$a"
+  done
+  printf '%s\n' "${out# }"
+}
+
+run() {
+  if (( DRY_RUN )); then quote "$@"; return 0; fi
+  printf '+ %s\n' "$(quote "$@")" >&2
+  "$@"
+}
+
+CONFIG="" DATASET="" OUT="" SUBJECTS=all EVAL_CONFIG=configs/eval_dreambench.py
+SKIP_TRAIN=0 SKIP_EVAL=0 PYTHON=python DRY_RUN=0 EVAL_ARGS=() EXTRA=()
+while (( $# )); do
+  opt=$1 val="" inline=0
+  if [[ $opt == --*=* ]]; then val=${opt#*=}; opt=${opt%%=*}; inline=1; fi
+  case $opt in
+    --config|--dataset-dir|--out|--subjects|--eval-config|--python)
+      if (( ! inline )); then
+        if (( $# < 2 )) || [[ $2 == --* ]]; then die "$opt needs a value"; fi
+        val=$2; shift
+      fi
+      [[ -n $val ]] || die "$opt needs a value";;
+    --eval-arg)  # its value is itself an option: --eval-arg=--config.x=1
+      if (( ! inline )); then
+        (( $# >= 2 )) || die "$opt needs a value"
+        val=$2; shift
+      fi
+      [[ -n $val ]] || die "$opt needs a value";;
+    --skip-train|--skip-eval|--dry-run|-h|--help)
+      (( ! inline )) || die "$opt takes no value";;
+  esac
+  case $opt in
+    -h|--help) usage; exit 0;;
+    --config) CONFIG=$val;;
+    --dataset-dir) DATASET=${val%/};;
+    --out) OUT=${val%/};;
+    --subjects) SUBJECTS=$val;;
+    --eval-config) EVAL_CONFIG=$val;;
+    --eval-arg) EVAL_ARGS+=("$val");;
+    --skip-train) SKIP_TRAIN=1;;
+    --skip-eval) SKIP_EVAL=1;;
+    --python) PYTHON=$val;;
+    --dry-run) DRY_RUN=1;;
+    --) shift; EXTRA=("$@"); break;;
+    *) die "unknown option '$1' (see $PROG --help)";;
+  esac
+  shift
+done
+
+# ------------------------------------------------------------------ checks --
+[[ -n $CONFIG ]] || die "pass --config=configs/RECIPE.py[:variant]"
+[[ -n $DATASET ]] || die "pass --dataset-dir=DIR (the DreamBooth dataset folder)"
+[[ -n $OUT ]] || die "pass --out=DIR (where the runs and the evaluation go)"
+[[ -f ${CONFIG%%:*} ]] || die "no config file ${CONFIG%%:*}; pass --config=configs/RECIPE.py"
+if (( ! SKIP_EVAL )); then
+  [[ -f ${EVAL_CONFIG%%:*} ]] ||
+    die "no evaluation config ${EVAL_CONFIG%%:*}; pass --eval-config=configs/eval_dreambench.py"
+fi
+[[ -d $DATASET ]] || die "--dataset-dir=$DATASET is not a folder"
+[[ -f $DATASET/$CLASSES_FILE ]] ||
+  die "$DATASET/$CLASSES_FILE is missing; pass the dataset/ folder of google/dreambooth"
+
+# The "subject_name,class" table of prompts_and_classes.txt, in file order.
+declare -A CLASS_OF=()
+KNOWN=()
+while IFS=$'\t' read -r name noun; do
+  CLASS_OF[$name]=$noun
+  KNOWN+=("$name")
+done < <(awk '
+  { sub(/\r$/, "") }
+  /^subject_name,class[ \t]*$/ { table = 1; next }
+  table && /^Prompts/ { exit }
+  table && index($0, ",") {
+    name = substr($0, 1, index($0, ",") - 1)
+    noun = substr($0, index($0, ",") + 1)
+    gsub(/^[ \t]+|[ \t]+$/, "", name); gsub(/^[ \t]+|[ \t]+$/, "", noun)
+    if (name != "" && noun != "") print name "\t" noun
+  }' "$DATASET/$CLASSES_FILE")
+(( ${#KNOWN[@]} )) ||
+  die "$DATASET/$CLASSES_FILE has no 'subject_name,class' table; restore the upstream file"
+
+if [[ $SUBJECTS == all ]]; then
+  CHOSEN=("${KNOWN[@]}")
+else
+  IFS=, read -r -a CHOSEN <<< "$SUBJECTS"
+  (( ${#CHOSEN[@]} )) || die "--subjects is empty; pass all or names such as dog,cat"
+fi
+for s in "${CHOSEN[@]}"; do
+  [[ -n $s && -n ${CLASS_OF[$s]+x} ]] ||
+    die "unknown subject '$s' in --subjects; known: $(IFS=,; echo "${KNOWN[*]}")"
+  [[ -d $DATASET/$s ]] || die "no photos folder $DATASET/$s for subject $s"
+done
+
+# ------------------------------------------------------------------- train --
+if (( ! SKIP_TRAIN )); then
+  for s in "${CHOSEN[@]}"; do
+    run "$PYTHON" -m personalize_jax.main --config="$CONFIG" --workdir="$OUT/$s" \
+      --config.data.instance_dir="$DATASET/$s" \
+      --config.data.class_name="${CLASS_OF[$s]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  done
+fi
+
+# -------------------------------------------------------------------- eval --
+# The evaluator samples a subject from <model>/<subject>/ when that holds a
+# pipeline; each run exports its pipeline to <run>/export, so models/ links
+# them under the subject names (relative links: OUT can be moved).
+(( ! SKIP_EVAL )) || exit 0
+if (( ! DRY_RUN )); then
+  for s in "${CHOSEN[@]}"; do
+    [[ -f $OUT/$s/export/model_index.json ]] ||
+      die "no trained pipeline in $OUT/$s/export; train $s first (drop --skip-train)"
+  done
+fi
+run mkdir -p "$OUT/models"
+for s in "${CHOSEN[@]}"; do
+  run ln -sfn "../$s/export" "$OUT/models/$s"
+done
+run "$PYTHON" -m personalize_jax.evaluate --config="$EVAL_CONFIG" \
+  --config.model="$OUT/models" --config.dataset_dir="$DATASET" \
+  --config.subjects="$(IFS=,; echo "${CHOSEN[*]}")" --workdir="$OUT/eval" \
+  ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}
+if (( ! DRY_RUN )); then
+  printf '%s: metrics table in %s/eval/metrics.md\n' "$PROG" "$OUT" >&2
+fi
