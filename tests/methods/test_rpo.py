@@ -1,0 +1,369 @@
+"""RPO: the preference loss, its labels and data, its wiring, and a tiny run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from personalize_jax import diffusion
+from personalize_jax.errors import UserError
+from personalize_jax.methods import base, rpo
+from personalize_jax.models.unet import UNet2DConditionModel
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "configs" / "rpo_tpu.py"
+# The tiny trainings here run for seconds and compile for tens of seconds:
+# compiling without XLA's backend optimisations saves about a third.
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
+
+
+def _config(arg=None):
+  spec = importlib.util.spec_from_file_location("rpo_tpu", RECIPE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _method(config, unet=None) -> rpo.RPO:
+  """An RPO whose pipeline has only what the loss and data helpers read."""
+  pipeline = SimpleNamespace(
+      schedule=diffusion.NoiseSchedule.from_pretrained("tiny"),
+      vae=SimpleNamespace(scaling_factor=1.0), unet=unet)
+  return rpo.RPO(base.Context(config=config, workdir=Path("/nonexistent"),
+                              pipeline=pipeline, mesh=None))
+
+
+def _np_loss(e, y, beta):
+  z = beta * ((e[1] - e[0]) - (e[3] - e[2]))
+  return np.mean(y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z))
+
+
+# ------------------------------------------------------------ preference loss
+
+def test_preference_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  errors = rng.uniform(0.0, 2.0, (4, 64)).astype(np.float32)
+  for labels in (rng.integers(0, 2, 64).astype(np.float32),
+                 rng.uniform(0.0, 1.0, 64).astype(np.float32)):
+    got = rpo.preference_loss(*errors, labels, beta=2.5)
+    np.testing.assert_allclose(got, _np_loss(errors.astype(np.float64),
+                                             labels, 2.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("margin", [1e4, 1e30])
+def test_preference_loss_limits(margin):
+  zero = jnp.zeros(1)
+  # err_base_ref = margin, everything else 0: l = margin.
+  def loss(l, y):
+    return float(rpo.preference_loss(zero, jnp.full(1, l), zero, zero,
+                                     jnp.full(1, y), beta=1.0))
+  assert loss(margin, 1.0) == 0.0
+  assert loss(-margin, 0.0) == 0.0
+  assert loss(margin, 0.0) == pytest.approx(margin, rel=1e-6)
+  assert loss(0.0, 0.3) == pytest.approx(np.log(2.0), rel=1e-6)
+  for l in (0.3, 5.0, 50.0):
+    assert loss(l, 0.5) == pytest.approx(loss(-l, 0.5), rel=1e-6)
+    assert loss(l, 0.5) > np.log(2.0)
+
+
+def test_preference_gradient_favours_the_labelled_image():
+  ones = jnp.ones(4)
+  grad = jax.grad(rpo.preference_loss, argnums=(0, 2))(
+      ones, ones, ones, ones, ones, 1.0)
+  # With y = 1 the loss falls as the model's error on the reference falls and
+  # its error on the generated image rises.
+  assert np.all(grad[0] > 0) and np.all(grad[1] < 0)
+
+
+# ------------------------------------------------------------ labels and data
+
+def _data_method(batch_size: int) -> rpo.RPO:
+  """RPO with 3 references and 2 prompts x 2 images; latents name the image."""
+  config = _config("tiny")
+  config.batch_size = batch_size
+  config.rpo.num_images_per_prompt = 2
+  m = _method(config)
+  m.num_references, m.num_flips = 3, 1
+  m.reference = {"mean": np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+                         * np.ones((3, 2, 2, 4), np.float32),
+                 "std": np.zeros((3, 2, 2, 4), np.float32)}
+  m.generated = {"mean": np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)
+                         * np.ones((4, 2, 2, 4), np.float32),
+                 "std": np.zeros((4, 2, 2, 4), np.float32)}
+  m.reward_ref = np.array([[2.0, 0.0], [0.5, -1.0], [1.0, 1.5]], np.float32)
+  m.reward_gen = np.array([0.0, 1.5, -1.0, 2.0], np.float32)
+  return m
+
+
+def test_labels_follow_bradley_terry_of_each_pairs_own_rewards():
+  m = _data_method(batch_size=4)
+  hits, counts = np.zeros((3, 4)), np.zeros((3, 4))
+  for step in range(3000):
+    b = m.batch(step)
+    ref = b["ref_mean"][:, 0, 0, 0].astype(int)
+    gen = b["gen_mean"][:, 0, 0, 0].astype(int)
+    np.testing.assert_array_equal(b["prompt"], gen // 2)
+    np.add.at(hits, (ref, gen), b["labels"])
+    np.add.at(counts, (ref, gen), 1)
+  assert counts.min() > 800
+  want = 1 / (1 + np.exp(-(m.reward_ref[:, np.arange(4) // 2]
+                           - m.reward_gen[None, :])))
+  # 0.06 is over 3.5 standard errors of a mean of 800 Bernoulli draws.
+  np.testing.assert_allclose(hits / counts, want, atol=0.06)
+
+
+def test_labels_are_redrawn_per_step_and_reproducible():
+  m = _data_method(batch_size=4)
+  np.testing.assert_array_equal(m.batch(7)["labels"], m.batch(7)["labels"])
+  rng = np.random.default_rng(0)
+  draws = rpo.preference_labels(rng, np.zeros(10_000), np.zeros(10_000))
+  assert draws.dtype == np.float32 and set(np.unique(draws)) == {0.0, 1.0}
+  assert abs(draws.mean() - 0.5) < 0.02  # 4 standard errors.
+
+
+def test_every_generated_image_and_prompt_is_used_each_epoch():
+  m = _data_method(batch_size=2)
+  for epoch in range(3):
+    gen = np.concatenate([m.batch(2 * epoch + i)["gen_mean"][:, 0, 0, 0]
+                          for i in range(2)])
+    assert sorted(gen.astype(int)) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- loss wiring
+
+class _Affine(nnx.Module):
+  """A stand-in denoiser: a scale of its input plus its prompt's mean."""
+
+  def __init__(self, scale: float):
+    self.scale = nnx.Param(jnp.asarray(scale, jnp.float32))
+
+  def __call__(self, x_bhwc, t, emb_btd):
+    del t
+    return self.scale * x_bhwc + jnp.mean(emb_btd, axis=(1, 2))[:, None,
+                                                               None, None]
+
+
+def _wired_loss(theta: float, base_scale: float, *, same_images: bool,
+                instance_value: float = 0.0, **rpo_overrides):
+  config = _config("tiny")
+  for key, value in rpo_overrides.items():
+    config.rpo[key] = value
+  m = _method(config)
+  m.graphdefs["unet"], params = nnx.split(_Affine(theta))
+  m.graphdefs["base_unet"], frozen = nnx.split(_Affine(base_scale))
+  rng = np.random.default_rng(1)
+  ref = rng.standard_normal((4, 2, 2, 4)).astype(np.float32)
+  gen = ref if same_images else rng.standard_normal(ref.shape).astype(
+      np.float32)
+  emb = np.stack([np.full((77, 8), v, np.float32)
+                  for v in (instance_value, 0.5, -0.5)])
+  batch = {"ref_mean": ref, "ref_std": np.zeros_like(ref), "gen_mean": gen,
+           "gen_std": np.zeros_like(gen),
+           "prompt": np.array([0, 1, 0, 1], np.int32),
+           "labels": np.array([1, 0, 1, 1], np.float32)}
+  _, metrics = m.loss_fn({"unet": params},
+                         {"modules": {"base_unet": frozen},
+                          "constants": {"emb": jnp.asarray(emb)}},
+                         batch, jax.random.key(0))
+  return {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("shared_noise", [False, True])
+@pytest.mark.parametrize("ref_prompt", ["training", "instance"])
+def test_margin_is_zero_while_the_model_equals_the_base(shared_noise,
+                                                        ref_prompt):
+  # Each image meets both U-Nets with the same noise, timestep and prompt.
+  metrics = _wired_loss(0.4, 0.4, same_images=False,
+                        shared_noise=shared_noise, ref_prompt=ref_prompt)
+  assert metrics["pref/reward_margin"] == 0.0
+  assert metrics["loss/pref"] == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def test_reference_half_is_conditioned_on_the_training_prompt():
+  # Same image in both halves with shared noise: only the prompt can differ.
+  same = dict(same_images=True, shared_noise=True, instance_value=3.0)
+  assert _wired_loss(0.9, 0.1, ref_prompt="training", **same)[
+      "pref/reward_margin"] == 0.0
+  assert _wired_loss(0.9, 0.1, ref_prompt="instance", **same)[
+      "pref/reward_margin"] != 0.0
+  # Independent noise by default (the public code): the halves differ.
+  assert _wired_loss(0.9, 0.1, same_images=True, shared_noise=False)[
+      "pref/reward_margin"] != 0.0
+
+
+@pytest.mark.parametrize("ref_prompt", ["training", "instance"])
+def test_similarity_loss_uses_the_instance_prompt(ref_prompt):
+  quiet = _wired_loss(0.9, 0.1, same_images=False, ref_prompt=ref_prompt)
+  loud = _wired_loss(0.9, 0.1, same_images=False, ref_prompt=ref_prompt,
+                     instance_value=30.0)
+  assert loud["loss/sim"] > 100 * quiet["loss/sim"]
+
+
+def test_implicit_accuracy_rises_with_labels_fixed_to_one():
+  """The real loss_fn trains the tiny U-Net to prefer the labelled image."""
+  config = _config("tiny")
+  unet = UNet2DConditionModel.from_pretrained("tiny", seed=0)
+  m = _method(config, unet)
+  m.graphdefs["unet"], params = nnx.split(unet)
+  m.graphdefs["base_unet"] = m.graphdefs["unet"]
+  frozen = {"modules": {"base_unet": jax.tree.map(jnp.copy, params)},
+            "constants": {"emb": jax.random.normal(jax.random.key(1),
+                                                   (3, 77, 32))}}
+  # The tiny random VAE's latents are mostly posterior noise, so the test
+  # feeds two distinct latent images directly.
+  bs, rng = 4, np.random.default_rng(0)
+  ref, gen = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  zeros = np.zeros((bs, 8, 8, 4), np.float32)
+  batch = {"ref_mean": zeros + ref, "ref_std": zeros, "gen_mean": zeros + gen,
+           "gen_std": zeros, "prompt": np.array([0, 1, 0, 1], np.int32),
+           "labels": np.ones(bs, np.float32)}
+  tx = optax.adam(1e-3)
+  params = {"unet": params}
+
+  def step(params, opt_state, rng):
+    (_, metrics), grads = jax.value_and_grad(m.loss_fn, has_aux=True)(
+        params, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  opt_state, acc = tx.init(params), []
+  step = jax.jit(step).lower(params, opt_state, jax.random.key(0)).compile(
+      compiler_options=FAST_COMPILE)
+  for i in range(24):
+    params, opt_state, metrics = step(params, opt_state, jax.random.key(i))
+    acc.append(float(metrics["pref/implicit_acc"]))
+  assert np.mean(acc[-8:]) > 0.75, acc
+
+
+# ------------------------------------------------------------------- config
+
+def test_recipe_follows_the_paper():
+  c = _config()
+  assert (c.method, c.model.pretrained) == ("rpo",
+                                            "CompVis/stable-diffusion-v1-4")
+  assert (c.learning_rate, c.optimizer.weight_decay,
+          c.optimizer.clip_grad_norm, c.num_steps) == (5e-6, 1e-2, 1.0, 400)
+  assert (c.eval_every_steps, c.early_stopping_patience) == (40, 0)
+  assert list(c.trainable) == [r"^unet\."] and c.batch_size % 4 == 0
+  assert (c.rpo.beta, c.rpo.lambda_train, c.rpo.lambda_val) == (1.0, 0.0, 0.3)
+  assert c.rpo.num_images_per_prompt == 4 and c.rpo.reward_model == "b32"
+  assert rpo.RPO.best_metric == ("val/harmonic", "max")
+  assert _config("tiny").rpo.reward_model == "tiny"
+
+
+@pytest.mark.parametrize("class_name,live,expect", [
+    ("dog", None, "a sks dog wearing a green outfit"),
+    ("backpack", None, "a sks backpack with a volcano in the background"),
+    ("backpack", True, "a sks backpack swimming in a pool"),
+])
+def test_training_prompts_follow_the_kind_of_subject(class_name, live,
+                                                     expect):
+  c = _config()
+  c.data.class_name = class_name
+  c.rpo.live_subject = live
+  m = _method(c)
+  prompts = m.training_prompts()
+  assert len(prompts) == 8 and expect in prompts
+  assert not set(m.format_prompts(c.rpo.val_prompts)) & set(prompts)
+
+
+def test_prompt_seen_by_the_reward_model_drops_the_token():
+  assert rpo.without_token("a sks dog on the Moon", "sks") == (
+      "a dog on the Moon")
+  assert rpo.without_token("a SKS dog", "sks") == "a dog"
+  assert rpo.without_token("a sksy dog", "sks") == "a sksy dog"
+
+
+def test_bad_rpo_value_is_a_one_line_user_error():
+  c = _config("tiny")
+  c.rpo.ref_prompt = "both"
+  with pytest.raises(UserError, match=r"config\.rpo\.ref_prompt='both'"):
+    _method(c).prepare()
+
+
+# ------------------------------------------------------- tiny run via the CLI
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """The tiny recipe through ``main``, evaluated every 2 steps, patience 2."""
+  workdir = tmp_path_factory.mktemp("rpo") / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()))
+  proc = subprocess.run(
+      [sys.executable, "-m", "personalize_jax.main",
+       f"--config={RECIPE}:tiny", f"--workdir={workdir}",
+       "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in
+          (workdir / "metrics.jsonl").read_text().splitlines()]
+  return workdir, proc.stdout, rows
+
+
+def test_cli_run_writes_negatives_metrics_and_export(cli_run):
+  workdir, stdout, rows = cli_run
+  names = sorted(p.name for p in (workdir / "generated_images").glob("*.png"))
+  assert names == ["00_00.png", "00_01.png", "01_00.png", "01_01.png"]
+  cache = [p.name for p in (workdir / "cache").iterdir()]
+  assert any(n.startswith("generated_latents_") for n in cache)
+  assert any(n.startswith("rpo_rewards_") for n in cache)
+  keys = set().union(*rows)
+  assert {"loss/sim", "loss/pref", "pref/implicit_acc", "pref/reward_margin",
+          "val/harmonic", "val/align_i", "val/align_t"} <= keys
+  assert all(np.isfinite(v) for r in rows for v in r.values())
+  assert (workdir / "export" / "unet").is_dir()
+  assert "trained" in stdout
+
+
+def _stop_step(evals: list[tuple[int, float]], patience: int):
+  best, since = -np.inf, 0
+  for step, value in evals:
+    best, since = (value, 0) if value > best else (best, since + 1)
+    if since >= patience:
+      return step
+  return None
+
+
+def _unet_weights(tree) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(k.key) for k in path if k.key != "value"):
+          np.asarray(leaf) for path, leaf in flat}
+
+
+def test_early_stopping_and_the_export_follow_val_harmonic(cli_run):
+  workdir, stdout, rows = cli_run
+  evals = [(r["step"], r["val/harmonic"]) for r in rows
+           if "val/harmonic" in r]
+  stop = _stop_step(evals, patience=2)
+  assert stop is not None and stop < 20, evals
+  assert evals[-1][0] == stop and f"trained {stop} steps" in stdout
+  best_step = max(evals, key=lambda e: e[1])[0]
+  best = json.loads((workdir / "best.json").read_text())
+  assert best["step"] == best_step
+  assert best["val/harmonic"] == pytest.approx(dict(evals)[best_step])
+  exported = _unet_weights(nnx.to_pure_dict(nnx.state(
+      UNet2DConditionModel.from_pretrained(workdir / "export", "unet"))))
+
+  def checkpoint(step):
+    raw = ocp.StandardCheckpointer().restore(
+        workdir / "checkpoints" / str(step) / "state")
+    return _unet_weights(raw["params"]["unet"])
+
+  at_best, at_stop = checkpoint(best_step), checkpoint(stop)
+  assert exported.keys() == at_best.keys()
+  assert all(np.array_equal(exported[k], at_best[k]) for k in exported)
+  assert not all(np.array_equal(exported[k], at_stop[k]) for k in exported)
