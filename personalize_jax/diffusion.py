@@ -403,7 +403,8 @@ def generate(pipeline: Any, prompts: str | list[str], *,
              num_inference_steps: int = 50, guidance_scale: float = 7.5,
              negative_prompt: str = "", resolution: int | None = None,
              eta: float = 0.0, batch_size: int = 8,
-             progress: bool = False) -> np.ndarray:
+             progress: bool = False,
+             batch_sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
   """Text to image with DDIM and classifier-free guidance.
 
   Image ``i`` starts from noise drawn with ``fold_in(rng, i)``, so an image
@@ -423,6 +424,9 @@ def generate(pipeline: Any, prompts: str | list[str], *,
     eta: DDIM stochasticity.
     batch_size: images per jitted call.
     progress: show a progress bar over chunks.
+    batch_sharding: lays each chunk's batch axis over devices (e.g. the
+      engine's ``batch_sharding(mesh)``), so sampling runs on all of them;
+      ``batch_size`` is then rounded up to a multiple of the device count.
 
   Returns:
     ``(n, resolution, resolution, 3)`` uint8 images.
@@ -430,6 +434,9 @@ def generate(pipeline: Any, prompts: str | list[str], *,
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   rng = jax.random.key(seed) if rng is None else rng
   batch_size = min(batch_size, len(prompts))
+  if batch_sharding is not None:
+    devices = len(batch_sharding.device_set)
+    batch_size = -(-batch_size // devices) * devices
   resolution = resolution or pipeline.resolution
   factor = pipeline.vae_scale_factor
   multiple = factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
@@ -452,6 +459,8 @@ def generate(pipeline: Any, prompts: str | list[str], *,
     latents = initial_latents(rng, range(start, start + batch_size),
                               latent_shape)
     cond = encode_prompts(pipeline, padded)
+    if batch_sharding is not None:
+      latents, cond = jax.device_put((latents, cond), batch_sharding)
     # With eta > 0 each chunk draws its DDIM noise from its own key.
     step_rng = jax.random.fold_in(rng, 2**30 + start) if eta else None
     latents = ddim_sample(pipeline.unet, pipeline.schedule, latents, cond,

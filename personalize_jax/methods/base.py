@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from personalize_jax import diffusion
 from personalize_jax.data import demo_subject, images as images_lib
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.engine import rundir
+from personalize_jax.engine import rundir, sharding
 
 
 @dataclasses.dataclass
@@ -52,6 +52,11 @@ class Context:
   @property
   def cache_dir(self) -> Path:
     return self.workdir / "cache"
+
+  @property
+  def batch_sharding(self):
+    """Splits a batch axis over every device: pass it to ``diffusion.generate``."""
+    return sharding.batch_sharding(self.mesh)
 
 
 class Method:

@@ -82,7 +82,8 @@ class DreamBooth(base.Method):
           num_inference_steps=cfg.class_inference_steps,
           guidance_scale=cfg.class_guidance_scale,
           resolution=self.config.data.resolution,
-          batch_size=max(len(self.ctx.mesh.devices.flat), 4), progress=True)
+          batch_size=max(len(self.ctx.mesh.devices.flat), 4), progress=True,
+          batch_sharding=self.ctx.batch_sharding)
       for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"class_{len(have) + i:05d}.png")
       have = sorted(folder.glob("class_*.png"))

@@ -281,7 +281,8 @@ class RPO(base.Method):
           num_inference_steps=cfg.rpo.gen_inference_steps,
           guidance_scale=cfg.rpo.gen_guidance_scale,
           resolution=cfg.data.resolution,
-          batch_size=max(len(self.ctx.mesh.devices.flat), 8), progress=True)
+          batch_size=max(len(self.ctx.mesh.devices.flat), 8), progress=True,
+          batch_sharding=self.ctx.batch_sharding)
       for path, image in zip(paths, images):
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
@@ -442,7 +443,8 @@ class RPO(base.Method):
         seed=cfg.eval.seed, num_inference_steps=cfg.eval.num_inference_steps,
         guidance_scale=cfg.eval.guidance_scale,
         resolution=cfg.data.resolution,
-        batch_size=max(len(self.ctx.mesh.devices.flat), n))
+        batch_size=max(len(self.ctx.mesh.devices.flat), n),
+        batch_sharding=self.ctx.batch_sharding)
     align_i, align_t = rewards.alignment_scores(
         self.clip_images(images), self.ref_clip,
         np.tile(self.val_text, (cfg.rpo.num_val_images, 1)))

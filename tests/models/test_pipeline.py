@@ -105,3 +105,36 @@ def test_folder_errors_are_one_line(reference, tmp_path):
   with pytest.raises(CheckpointError) as info:
     load_stable_diffusion(tmp_path)
   assert "vae/" in str(info.value) and "\n" not in str(info.value)
+
+
+_SHARDED_GENERATE = r"""
+import jax, numpy as np
+from personalize_jax import diffusion
+from personalize_jax.engine import sharding
+from personalize_jax.models.pipeline import load_stable_diffusion
+assert jax.device_count() == 8
+pipe = load_stable_diffusion("tiny")
+prompts = ["a photo of sks dog"] * 3 + ["a sks dog on the beach"] * 3
+plain = diffusion.generate(pipe, prompts, seed=1, num_inference_steps=2)
+batch = sharding.batch_sharding(sharding.create_mesh(-1, 1))
+spread = diffusion.generate(pipe, prompts, seed=1, num_inference_steps=2,
+                            batch_sharding=batch)
+diff = np.abs(plain.astype(int) - spread.astype(int))
+print("RESULT", plain.shape == spread.shape, diff.max(), (diff > 0).mean())
+"""
+
+
+def test_generate_spreads_over_devices(tmp_path):
+  """Sampling split over 8 devices gives the images of the 1-device path."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARDED_GENERATE], env=env,
+                       capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path, check=False)
+  line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+  assert line, out.stderr[-2000:]
+  _, same_shape, max_diff, frac = line[0].split()
+  assert same_shape == "True"
+  assert int(max_diff) <= 1 and float(frac) < 1e-3
