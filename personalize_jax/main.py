@@ -83,10 +83,47 @@ def main(argv) -> None:
           "checkpoint is saved: run the same command again to resume")
     return
   logging.info("done: %d steps in %s", summary.steps, summary.workdir)
-  print(f"trained {summary.steps} steps; fine-tuned model in "
-        f"{summary.workdir / 'export'}, metrics in "
-        f"{summary.workdir / 'metrics.jsonl'}, samples in "
-        f"{summary.workdir / 'samples'}")
+  print(summary_text(summary, _CONFIG.value,
+                     config_flags.get_config_filename(flags.FLAGS["config"])))
+
+
+def real_recipe(config_arg: str) -> str:
+  """The recipe that runs the same method on Stable Diffusion."""
+  path = config_arg.split(":")[0] or "configs/<recipe>.py"
+  return path.replace("demo_cpu.py", "rpo_tpu.py")
+
+
+def summary_text(summary, config, config_arg: str) -> str:
+  """What a finished run prints: numbers, where things are, what to run next."""
+  import json  # pylint: disable=g-import-not-at-top
+  work = summary.workdir
+  m = summary.last_metrics
+  losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())
+                     if k == "loss" or k.startswith("loss/"))
+  lines = [f"trained {summary.steps} steps ({losses})"]
+  best_file = work / "best.json"
+  if best_file.is_file():
+    best = json.loads(best_file.read_text())
+    step = best.pop("step")
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items())
+    lines.append(f"best step {step}: {scores} (exported)")
+  lines += [
+      f"  fine-tuned pipeline (diffusers layout): {work / 'export'}",
+      f"  metrics: {work / 'metrics.jsonl'}  (TensorBoard: {work / 'tensorboard'})",
+      f"  sample grids: {work / 'samples'}",
+      f"  checkpoints: {work / 'checkpoints'}",
+  ]
+  if config.model.pretrained == "tiny":
+    recipe = real_recipe(config_arg or "configs/demo_cpu.py")
+    lines += [
+        "These models were tiny and random: the images are noise. With Stable "
+        "Diffusion weights on a TPU or GPU:",
+        f"  python -m personalize_jax.main --config={recipe} "
+        "--workdir=/tmp/run --config.data.instance_dir=YOUR_PHOTOS "
+        "--config.data.class_name=dog "
+        "--config.model.pretrained=CompVis/stable-diffusion-v1-4",
+    ]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
