@@ -13,7 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from personalize_jax.engine import optim, sharding
 
@@ -27,18 +27,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-
-
-def _onto_mesh(tree, mesh: Mesh):
-  """Replicates leaves that are not laid out on ``mesh`` yet (scalars, counts)."""
-  replicated = sharding.replicated(mesh)
-
-  def place(x):
-    if isinstance(getattr(x, "sharding", None), NamedSharding):
-      return x
-    return jax.device_put(x, replicated)
-
-  return jax.tree.map(place, tree)
 
 
 def place_params(params, mesh: Mesh, dtype=None):
@@ -61,16 +49,40 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
   """The sharded initial state: parameters placed, optimizer state made on device.
 
   The optimizer state is created by a jitted ``tx.init`` on the already
-  sharded parameters, so its moments inherit their layout and nothing of
-  model size is ever built on the host.
+  sharded parameters, with each moment laid out like its parameter, so
+  nothing of model size is ever built on the host or replicated.
   """
   params = place_params(params, mesh)
-  opt_state = _onto_mesh(jax.jit(tx.init)(params), mesh)
+  opt_shardings = _like_params(jax.eval_shape(tx.init, params), params, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   replicated = sharding.replicated(mesh)
   return TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
       params=params, opt_state=opt_state,
       rng=jax.device_put(jax.random.key(seed), replicated))
+
+
+def _like_params(abstract_opt_state, params, mesh: Mesh):
+  """Shardings of an optimizer state: moments follow their parameters.
+
+  ``jit(tx.init)`` alone would replicate the moments (zeros do not depend on
+  the parameters' values, so no layout propagates to them). A state leaf whose
+  key path ends with a parameter's path and has its shape is that parameter's
+  moment (optax keeps the parameter tree inside ``mu``, ``nu``, ...); the rest
+  (step counts) is replicated.
+  """
+  by_path = {tuple(path): (x.shape, x.sharding)
+             for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  replicated = sharding.replicated(mesh)
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      shape, layout = by_path.get(tuple(path[start:]), (None, None))
+      if shape == leaf.shape:
+        return layout
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def shardings_of(tree):

@@ -9,13 +9,14 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
@@ -99,15 +100,39 @@ def preflight(config) -> None:
         skip_bad_images=config.data.skip_bad_images, warn=logging.warning)
 
 
-def _run(config, workdir: Path) -> Summary:
+@dataclasses.dataclass
+class Trainer:
+  """What ``build_trainer`` assembles: all a loop (or a benchmark) steps with."""
+  mesh: Mesh
+  pipeline: Any  # models.pipeline.StableDiffusion
+  method: base.Method
+  state: state_lib.TrainState
+  frozen: dict  # {"modules": {name: state}, "constants": {name: array}}
+  train_step: Callable  # jitted (state, frozen, batch) -> (state, metrics)
+
+
+def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
+                  pipeline: Any = None) -> Trainer:
+  """Mesh, models, the method's data, the sharded state and the jitted step.
+
+  Everything a run does before its loop except the run directory's services
+  (lock, checkpoints, metrics); ``train_and_evaluate`` and the benchmarks
+  share it.
+
+  Args:
+    config: a validated config.
+    workdir: the run directory; the method caches its data in it.
+    pipeline: the models; loaded from ``config.model`` if None.
+  """
   # ------------------------------------------------------------------ mesh
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   dtype = compute_dtype(config)
   # ---------------------------------------------------------------- models
-  pipeline = load_stable_diffusion(
-      config.model.pretrained, dtype=dtype,
-      attention_impl=config.model.attention_impl, remat=config.model.remat,
-      seed=config.seed)
+  if pipeline is None:
+    pipeline = load_stable_diffusion(
+        config.model.pretrained, dtype=dtype,
+        attention_impl=config.model.attention_impl, remat=config.model.remat,
+        seed=config.seed)
   # ------------------------------------------------------------------ data
   method = method_class(config.method)(
       base.Context(config=config, workdir=workdir, pipeline=pipeline,
@@ -135,11 +160,26 @@ def _run(config, workdir: Path) -> Summary:
       "constants": jax.device_put(method.constants(),
                                   sharding.replicated(mesh)),
   }
-  state_shardings = state_lib.shardings_of(state)
   logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
                100 * sharding.sharded_fraction(
                    state.params, jax.tree.map(lambda x: x.sharding,
                                               state.params)))
+  # ---------------------------------------------------------------- update
+  train_step = state_lib.make_train_step(
+      method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
+      state_shardings=state_lib.shardings_of(state),
+      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
+      post_update=method.post_update)
+  return Trainer(mesh=mesh, pipeline=pipeline, method=method, state=state,
+                 frozen=frozen, train_step=train_step)
+
+
+def _run(config, workdir: Path) -> Summary:
+  trainer = build_trainer(config, workdir)
+  mesh, pipeline, method = trainer.mesh, trainer.pipeline, trainer.method
+  state, frozen, train_step = trainer.state, trainer.frozen, trainer.train_step
+  # Dropped so that a restored state does not keep the initial one alive.
+  del trainer
   # ------------------------------------------------------------ checkpoint
   manager = checkpoints.CheckpointManager(workdir / "checkpoints",
                                           keep=config.keep_checkpoints)
@@ -149,11 +189,6 @@ def _run(config, workdir: Path) -> Summary:
     state, meta = manager.restore(start, state_lib.abstract_of(state))
     best.restore(meta)
     logging.info("resumed from step %d", start)
-  train_step = state_lib.make_train_step(
-      method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
-      state_shardings=state_shardings,
-      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
-      post_update=method.post_update)
   # ------------------------------------------------------------------ loop
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start)
             if is_chief() else _NoWriter())
@@ -287,7 +322,8 @@ def evaluate(method, pipeline, params, step: int, workdir: Path) -> dict:
       num_inference_steps=config.eval.num_inference_steps,
       guidance_scale=config.eval.guidance_scale,
       resolution=config.data.resolution,
-      batch_size=max(len(method.ctx.mesh.devices.flat), len(prompts)))
+      batch_size=max(len(method.ctx.mesh.devices.flat), len(prompts)),
+      batch_sharding=method.ctx.batch_sharding)
   if is_chief():
     metrics_lib.save_grid(images, workdir / "samples" / f"step_{step:06d}.png",
                           captions=prompts)

@@ -1,0 +1,101 @@
+"""Tests for the base config and its validation."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from personalize_jax.engine import config as config_lib
+from personalize_jax.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+import dreambooth_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _config(**overrides):
+  """The tiny DreamBooth recipe with dotted-key ``overrides``."""
+  config = dreambooth_tpu.get_config("tiny")
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_recipes_are_valid(arg):
+  config_lib.validate(dreambooth_tpu.get_config(arg), num_devices=1)
+
+
+def test_tiny_recipe_is_valid_on_eight_devices_with_a_divisible_batch():
+  config_lib.validate(_config(batch_size=8, **{"mesh.fsdp": 4}),
+                      num_devices=8)
+
+
+def test_unknown_recipe_variant_is_refused():
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    dreambooth_tpu.get_config("huge")
+
+
+def test_every_base_field_has_a_comment():
+  source = Path(config_lib.__file__).read_text()
+  body = source[source.index("def base_config"):source.index("return c")]
+  for line in body.splitlines():
+    if re.match(r"\s+c\.[\w.]+ = (?!ml_collections)", line):
+      assert "#" in line, line
+
+
+@pytest.mark.parametrize("key, value", [
+    ("method", "nope"),
+    ("num_steps", 0),
+    ("num_steps", -5),
+    ("num_steps", True),
+    ("batch_size", 0),
+    ("log_every_steps", 0),
+    ("checkpoint_every_steps", -1),
+    ("eval_every_steps", 0),
+    ("keep_checkpoints", 0),
+    ("data.resolution", 0),
+    ("early_stopping_patience", -1),
+    ("learning_rate", -1e-4),
+    ("learning_rate", 0.0),
+    ("mixed_precision", "fp8"),
+    ("nan_policy", "ignore"),
+    ("optimizer.schedule", "linear"),
+    ("model.attention_impl", "flash"),
+    ("trainable", ["unet.("]),
+    ("trainable", []),
+    ("data.unique_token", " "),
+    ("data.class_name", ""),
+    ("data.instance_dir", "/does/not/exist"),
+    ("mesh.data", 0),
+    ("mesh.fsdp", -2),
+])
+def test_bad_values_raise_one_line_naming_the_key(key, value):
+  with pytest.raises(UserError) as error:
+    config_lib.validate(_config(**{key: value}), num_devices=1)
+  message = str(error.value)
+  assert message.startswith(f"config.{key}=")
+  assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("data, fsdp, devices", [
+    (-1, -1, 8), (3, 1, 8), (2, 2, 8), (-1, 3, 8), (8, 1, 1),
+])
+def test_mesh_sizes_must_use_the_devices(data, fsdp, devices):
+  config = _config(batch_size=8, **{"mesh.data": data, "mesh.fsdp": fsdp})
+  with pytest.raises(UserError, match=r"^config\.mesh"):
+    config_lib.validate(config, num_devices=devices)
+
+
+def test_batch_must_divide_over_the_devices():
+  with pytest.raises(UserError, match=r"^config\.batch_size=6 .*8 devices"):
+    config_lib.validate(_config(batch_size=6), num_devices=8)
+
+
+def test_an_existing_instance_folder_is_accepted(tmp_path):
+  config_lib.validate(_config(**{"data.instance_dir": str(tmp_path)}),
+                      num_devices=1)

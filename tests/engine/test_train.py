@@ -1,0 +1,240 @@
+"""Tests for the train loop: meshes agree, resume is exact, masks hold, outputs.
+
+Every run is a tiny DreamBooth training in a subprocess (``_run_tiny.py``): the
+CPU device count is fixed when jax is imported, and a resumed run must start in
+a new process. All runs share one module fixture and a persistent compilation
+cache, so the whole file compiles the train step three times (one per mesh).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from personalize_jax.engine import metrics as metrics_lib
+from personalize_jax.models import checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TINY = Path(__file__).with_name("_run_tiny.py")
+UNET_FILE = "diffusion_pytorch_model.safetensors"
+# The U-Net's blocks train; conv_in, the time embedding and the output head
+# stay frozen, so one set of runs tests the optimizer mask too.
+TRAINABLE = r"^unet\.(down_blocks|mid_block|up_blocks)\."
+LEARNING_RATE = 1e-4
+BASE = {
+    "batch_size": 8,  # divisible by the 8 devices of the sharded runs.
+    "learning_rate": LEARNING_RATE,
+    # Runs of 3 and 6 steps are compared step by step: no num_steps-dependent
+    # schedule.
+    "optimizer.schedule": "constant",
+    "optimizer.warmup_steps": 0,
+    "trainable": [TRAINABLE],
+    "dreambooth.prior_preservation": False,  # no class images to generate.
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 1000,  # only at the end or when stopped.
+    "eval_every_steps": 1000,  # only the sample grid of the last step.
+    "eval.num_inference_steps": 2,
+}
+MESHES = {"data8": {"mesh.data": 8, "mesh.fsdp": 1},
+          "fsdp4": {"mesh.data": 2, "mesh.fsdp": 4}}
+# Adam's first steps are +-lr wherever |grad| >> eps, so a gradient that
+# differs in its last bits (another reduction order) moves some components
+# whose gradient is near eps by a fraction of lr; the model as a whole agrees
+# to float32 precision.
+RELATIVE_TOLERANCE = 1e-5
+COMPONENT_TOLERANCE = 0.5 * LEARNING_RATE  # half an Adam step.
+# Compiling dominates one forward pass; see tests/models/test_unet.py.
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
+
+
+def _start(devices: int, jobs: list[dict], cache: Path) -> subprocess.Popen:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONPATH=str(REPO))
+  return subprocess.Popen(
+      [sys.executable, str(RUN_TINY), f"--devices={devices}",
+       f"--jobs={json.dumps(jobs)}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _finish(process: subprocess.Popen) -> dict:
+  stdout, stderr = process.communicate(timeout=1200)
+  assert process.returncode == 0, stderr[-3000:]
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """All trainings of this file; the 8-device process runs beside the others.
+
+  ``straight``: 6 steps on one device. ``resumed``: the same config, stopped
+  by SIGTERM at step 3, then finished by a new process. ``data8``/``fsdp4``:
+  3 steps on 8 devices. Steps 1 and 3 of every mesh are kept for comparison.
+  """
+  tmp = tmp_path_factory.mktemp("train")
+  cache = tmp / "compilation_cache"
+  w = types.SimpleNamespace(straight=tmp / "straight", resumed=tmp / "resumed",
+                            **{name: tmp / name for name in MESHES})
+  sharded = _start(8, [
+      {"workdir": str(getattr(w, name)), "dump_steps": [1, 3],
+       "overrides": {**BASE, **mesh, "num_steps": 3}}
+      for name, mesh in MESHES.items()], cache)
+  six = {**BASE, "num_steps": 6}
+  first = _finish(_start(1, [
+      {"workdir": str(w.straight), "overrides": six, "dump_steps": [1, 3]},
+      {"workdir": str(w.resumed), "overrides": six, "sigterm_at": 3},
+  ], cache))
+  w.straight_run, w.interrupted_run = first["runs"]
+  (w.resumed_run,) = _finish(_start(1, [
+      {"workdir": str(w.resumed), "overrides": six}], cache))["runs"]
+  w.sharded = _finish(sharded)
+  return w
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+  if path.suffix == ".npz":
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  return checkpoint.read_safetensors_file(path)
+
+
+def _relative_error(ours: dict, reference: dict) -> float:
+  """``|ours - reference| / |reference|`` over all parameters as one vector."""
+  assert ours.keys() == reference.keys()
+  return float(np.sqrt(sum(np.sum((ours[k] - reference[k]) ** 2)
+                           for k in reference)
+                       / sum(np.sum(reference[k] ** 2) for k in reference)))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_sharded_training_matches_one_device(runs, mesh, steps):
+  reference = _tensors(runs.straight / f"params_step{steps}.npz")
+  ours = _tensors(getattr(runs, mesh) / f"params_step{steps}.npz")
+  assert _relative_error(ours, reference) < RELATIVE_TOLERANCE
+  worst = max(reference, key=lambda k: np.abs(ours[k] - reference[k]).max())
+  assert (np.abs(ours[worst] - reference[worst]).max()
+          < COMPONENT_TOLERANCE), worst
+
+
+def test_the_mesh_comparison_can_tell_steps_apart(runs):
+  one = _tensors(runs.straight / "params_step1.npz")
+  three = _tensors(runs.straight / "params_step3.npz")
+  assert _relative_error(one, three) > 100 * RELATIVE_TOLERANCE
+
+
+def test_fsdp_shards_most_parameter_and_optimizer_bytes(runs):
+  assert runs.sharded["devices"] == 8
+  data8, fsdp4 = runs.sharded["runs"]
+  assert data8["steps"] == fsdp4["steps"] == 3
+  assert data8["params_fraction"] == 0 and data8["state_fraction"] == 0
+  assert fsdp4["params_fraction"] > 0.5
+  assert fsdp4["state_fraction"] > 0.5
+
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run(runs):
+  assert runs.interrupted_run["stopped_by"] == "SIGTERM"
+  assert runs.interrupted_run["steps"] == 3
+  assert runs.straight_run["steps"] == runs.resumed_run["steps"] == 6
+  assert runs.resumed_run["stopped_by"] is None
+  files = sorted(p.relative_to(runs.straight / "export")
+                 for p in (runs.straight / "export").rglob("*.safetensors"))
+  assert len(files) == 3  # unet, vae, text_encoder
+  for name in files:
+    straight = _tensors(runs.straight / "export" / name)
+    resumed = _tensors(runs.resumed / "export" / name)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+      assert np.array_equal(straight[key], resumed[key]), f"{name}: {key}"
+
+  def without_timings(workdir):
+    return [{k: v for k, v in record.items() if not k.startswith("perf/")}
+            for record in metrics_lib.read_metrics(workdir)]
+
+  straight = without_timings(runs.straight)
+  assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+  assert without_timings(runs.resumed) == straight
+
+
+def test_only_trainable_parameters_move(runs):
+  from personalize_jax.models.unet import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  initial = checkpoint.module_tensors(
+      UNet2DConditionModel.from_pretrained("tiny", seed=0))
+  trained = _tensors(runs.straight / "export" / "unet" / UNET_FILE)
+  assert initial.keys() == trained.keys()
+  trainable = {k for k in initial if re.search(TRAINABLE, f"unet.{k}")}
+  frozen = initial.keys() - trainable
+  assert {k.split(".")[0] for k in frozen} >= {"conv_in", "time_embedding",
+                                               "conv_out"}
+  for key in frozen:
+    assert np.array_equal(initial[key], trained[key]), key
+  unchanged = [k for k in trainable if np.array_equal(initial[k], trained[k])]
+  assert not unchanged
+
+
+def test_export_loads_in_diffusers_with_the_same_unet(runs):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models.pipeline import load_stable_diffusion  # pylint: disable=g-import-not-at-top
+  export = runs.straight / "export"
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(export)
+  ours = load_stable_diffusion(export)
+  rng = np.random.default_rng(0)
+  x_bhwc = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  context = rng.standard_normal((2, 77, 32)).astype(np.float32)
+  t = np.asarray([10, 700])
+  with torch.no_grad():
+    theirs = pipe.unet(torch.from_numpy(x_bhwc).permute(0, 3, 1, 2),
+                       torch.from_numpy(t), torch.from_numpy(context)
+                       ).sample.permute(0, 2, 3, 1).numpy()
+  graphdef, state = nnx.split(ours.unet)
+  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+  mine = np.asarray(forward.lower(state, x_bhwc, t, context).compile(
+      FAST_COMPILE)(state, x_bhwc, t, context))
+  assert np.abs(mine - theirs).max() / np.abs(theirs).max() < 1e-4
+  assert json.loads((export / "train_config.json").read_text())[
+      "num_steps"] == 6
+
+
+def test_run_directory_holds_config_metrics_events_and_samples(runs):
+  workdir = runs.straight
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["num_steps"] == 6 and config["trainable"] == [TRAINABLE]
+  assert config["model"]["pretrained"] == "tiny"
+
+  records = metrics_lib.read_metrics(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    assert {"loss", "learning_rate", "grad_norm", "perf/steps_per_sec",
+            "loss/instance"} <= r.keys()
+    assert np.isfinite(r["loss"]) and r["loss"] > 0
+    assert r["grad_norm"] > 0 and r["perf/steps_per_sec"] > 0
+    assert r["learning_rate"] == pytest.approx(LEARNING_RATE)
+    assert r["loss"] == r["loss/instance"]  # no prior preservation here.
+
+  (events_file,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+  events = metrics_lib.read_events(events_file)
+  logged = {e["step"]: e["scalars"]["loss"] for e in events
+            if "loss" in e["scalars"]}
+  assert logged == pytest.approx({r["step"]: r["loss"] for r in records},
+                                 rel=1e-6)
+
+  (grid,) = (workdir / "samples").glob("step_*.png")
+  assert grid.name == "step_000006.png"
+  with Image.open(grid) as image:
+    pixels = np.asarray(image.convert("RGB"))
+  assert pixels.shape[1] == 2 * 64 and pixels.shape[0] > 64  # 2 prompts
+  assert pixels[:64].std() > 0  # an image, not a blank tile

@@ -1,0 +1,174 @@
+"""DreamBooth: its loss fits a batch, the prior term, and the data order."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from PIL import Image
+
+from personalize_jax.engine import sharding
+from personalize_jax.methods import base, dreambooth
+from personalize_jax.models.pipeline import load_stable_diffusion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+import dreambooth_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PRIOR_WEIGHT = 0.5
+NUM_CLASS_IMAGES = 3
+# Compiling dominates these few steps; see tests/models/test_unet.py.
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
+
+
+def _config(class_dir: Path, **dreambooth_overrides):
+  c = dreambooth_tpu.get_config("tiny")
+  c.dreambooth.num_class_images = NUM_CLASS_IMAGES
+  c.dreambooth.class_images_dir = str(class_dir)
+  c.dreambooth.prior_loss_weight = PRIOR_WEIGHT
+  for key, value in dreambooth_overrides.items():
+    c.dreambooth[key] = value
+  return c
+
+
+def _method(config, workdir: Path, pipeline) -> dreambooth.DreamBooth:
+  method = dreambooth.DreamBooth(base.Context(
+      config=config, workdir=workdir, pipeline=pipeline,
+      mesh=sharding.create_mesh()))
+  method.prepare()
+  return method
+
+
+def _split(method):
+  params = {}
+  for name, module in method.trainable_modules().items():
+    method.graphdefs[name], params[name] = nnx.split(module)
+  frozen = {"modules": {}, "constants": method.constants()}
+  return params, frozen
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A prepared method (5 demo photos with flips, 3 class images) and its twin.
+
+  The class images are written beforehand so that nothing is generated.
+  """
+  tmp = tmp_path_factory.mktemp("dreambooth")
+  class_dir = tmp / "class_images"
+  class_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(NUM_CLASS_IMAGES):
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(
+        class_dir / f"class_{i:05d}.png")
+  pipeline = load_stable_diffusion("tiny", attention_impl="xla")
+  config = _config(class_dir)
+  return {
+      "method": _method(config, tmp / "run", pipeline),
+      "twin": _method(_config(class_dir), tmp / "run", pipeline),
+      "no_prior": _method(_config(class_dir, prior_preservation=False),
+                          tmp / "no_prior", pipeline),
+  }
+
+
+@pytest.fixture(scope="module")
+def overfit(setup):
+  """Instance and prior losses over 20 Adam steps on one batch and one key."""
+  method = setup["method"]
+  params, frozen = _split(method)
+  batch = method.batch(0)
+  rng = jax.random.key(0)
+  tx = optax.adam(1e-3)
+
+  @jax.jit
+  def step(params, opt_state):
+    (loss, metrics), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
+        params, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(metrics,
+                                                                 loss=loss)
+
+  step = step.lower(params, tx.init(params)).compile(FAST_COMPILE)
+  opt_state, history = tx.init(params), []
+  for _ in range(20):
+    params, opt_state, metrics = step(params, opt_state)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return history
+
+
+def test_instance_loss_falls_when_fitting_one_batch(overfit):
+  first, last = overfit[0]["loss/instance"], overfit[-1]["loss/instance"]
+  assert np.isfinite(first) and first > 0
+  assert last < 0.25 * first
+
+
+def test_prior_loss_is_weighted_into_the_loss(overfit):
+  for metrics in (overfit[0], overfit[-1]):
+    assert metrics["loss/prior"] > 0
+    assert metrics["loss"] == pytest.approx(
+        metrics["loss/instance"] + PRIOR_WEIGHT * metrics["loss/prior"],
+        rel=1e-6)
+
+
+def test_without_prior_preservation_there_is_no_class_half(setup):
+  method = setup["no_prior"]
+  params, frozen = _split(method)
+  batch = method.batch(0)
+  assert set(batch) == {"instance_mean", "instance_std"}
+  loss, metrics = jax.eval_shape(method.loss_fn, params, frozen, batch,
+                                 jax.random.key(0))
+  assert loss.shape == () and set(metrics) == {"loss/instance"}
+  assert {"class_mean", "class_std"} <= set(setup["method"].batch(0))
+
+
+def test_batch_is_a_pure_function_of_the_step(setup):
+  method, twin = setup["method"], setup["twin"]
+  for step in (0, 7, 123):
+    a, b, c = method.batch(step), method.batch(step), twin.batch(step)
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+      np.testing.assert_array_equal(a[key], c[key])
+  assert not np.array_equal(method.batch(0)["instance_mean"],
+                            method.batch(1)["instance_mean"])
+
+
+def _row_index(rows: np.ndarray, row: np.ndarray) -> int:
+  (index,) = [i for i in range(len(rows)) if np.array_equal(rows[i], row)]
+  return index
+
+
+def test_each_epoch_shows_every_photo_and_class_image_once(setup):
+  method = setup["method"]
+  means = method.instance["mean"]
+  photos = len(means) // 2  # 5 photos, then their flips.
+  assert photos == 5 and method.config.batch_size == 1
+  flipped = set()
+  for epoch in range(3):
+    seen = []
+    for step in range(epoch * photos, (epoch + 1) * photos):
+      index = _row_index(means, method.batch(step)["instance_mean"][0])
+      seen.append(index % photos)
+      flipped.add(index >= photos)
+    assert sorted(seen) == list(range(photos)), epoch
+  assert flipped == {False, True}
+  classes = method.klass["mean"]
+  for epoch in range(2):
+    seen = [_row_index(classes, method.batch(step)["class_mean"][0])
+            for step in range(epoch * NUM_CLASS_IMAGES,
+                              (epoch + 1) * NUM_CLASS_IMAGES)]
+    assert sorted(seen) == list(range(NUM_CLASS_IMAGES))
+
+
+@pytest.mark.parametrize("batch_size, n", [(1, 4), (3, 4), (4, 10)])
+def test_epoch_indices_are_permutations_across_batches(batch_size, n):
+  steps = 3 * n  # positions for 3 * batch_size epochs.
+  flat = np.concatenate([base.epoch_indices(0, s, batch_size, n)
+                         for s in range(steps)])
+  epochs = flat.reshape(-1, n)
+  for order in epochs:
+    assert sorted(order) == list(range(n))
+  assert len({tuple(order) for order in epochs}) > 1  # reshuffled per epoch.

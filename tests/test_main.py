@@ -1,0 +1,95 @@
+"""Tests for the command line: mistakes end in one line and exit code 2.
+
+Each case runs ``python -m personalize_jax.main`` in a subprocess; all of them
+start at once (each spends its time importing jax) and are checked one by one.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "--config=configs/dreambooth_tpu.py:tiny"
+
+# name: (arguments, CPU devices, text the error line must contain)
+CASES = {
+    "unknown_method": ([TINY, "--config.method=nope"], 1, "config.method"),
+    "negative_lr": ([TINY, "--config.learning_rate=-1"], 1,
+                    "config.learning_rate"),
+    "batch_not_divisible": ([TINY, "--config.batch_size=3"], 2,
+                            "config.batch_size"),
+    "missing_instance_dir": ([TINY, "--config.data.instance_dir={missing}"], 1,
+                             "config.data.instance_dir"),
+    "unknown_key": ([TINY, "--config.nope=1"], 1, "config.nope"),
+    "unknown_nested_key": ([TINY, "--config.data.nope=1"], 1,
+                           "config.data.nope"),
+    "wrong_type": ([TINY, "--config.num_steps=abc"], 1, "config.num_steps"),
+    "unknown_variant": (["--config=configs/dreambooth_tpu.py:huge"], 1,
+                        "unknown variant 'huge'"),
+    "missing_config_file": (["--config=configs/nope.py"], 1, "configs/nope.py"),
+    "no_config": ([], 1, "--config"),
+}
+
+
+def _start(args: list[str], devices: int, workdir: Path) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen(
+      [sys.executable, "-m", "personalize_jax.main", f"--workdir={workdir}",
+       *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def _snapshot(folder: Path) -> dict:
+  return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """``{case: (returncode, stdout, stderr, workdir)}`` of every case.
+
+  Each case gets a workdir that does not exist yet; ``existing`` repeats the
+  negative learning rate on a workdir that holds an earlier run's files.
+  """
+  tmp = tmp_path_factory.mktemp("cli")
+  missing = tmp / "no_photos_here"
+  processes = {}
+  for name, (args, devices, _) in CASES.items():
+    args = [a.format(missing=missing) for a in args]
+    processes[name] = (_start(args, devices, tmp / name), tmp / name)
+  existing = tmp / "existing"
+  (existing / "checkpoints").mkdir(parents=True)
+  (existing / "config.json").write_text("{}\n")
+  (existing / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+  before = _snapshot(existing)
+  processes["existing"] = (_start(CASES["negative_lr"][0], 1, existing),
+                           existing)
+  out = {}
+  for name, (process, workdir) in processes.items():
+    stdout, stderr = process.communicate(timeout=600)
+    out[name] = (process.returncode, stdout, stderr, workdir)
+  out["existing_before"] = before
+  return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mistake_is_one_line_exit_2_and_leaves_no_workdir(results, case):
+  returncode, stdout, stderr, workdir = results[case]
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith("error: ")
+  assert CASES[case][2] in lines[0]
+  assert returncode == 2
+  assert not stdout
+  assert not workdir.exists()
+
+
+def test_mistake_leaves_an_existing_workdir_unchanged(results):
+  returncode, _, stderr, workdir = results["existing"]
+  assert returncode == 2
+  assert "config.learning_rate" in stderr
+  assert _snapshot(workdir) == results["existing_before"]
