@@ -1,0 +1,36 @@
+"""DreamBooth + DINO reward (Wei et al., ECCV 2024, Table 1's baseline row).
+
+DreamBooth's losses plus the DINO reward of the look-forward sample,
+maximised directly: x0_hat is decoded by the frozen VAE, embedded by the
+frozen DINO ViT-S/16 and scored ``-(1 - cos)`` against the subject's photos;
+the gradient flows back through decoder and ViT into the U-Net. No Q-network.
+The rest is Look Forward's DreamBooth setting (SD 1.4, lr 1e-6, 1,000 steps,
+batch 1, 8 class images, text encoder trained).
+
+  python -m personalize_jax.main --config=configs/dino_reward_dreambooth_tpu.py \
+      --workdir=/tmp/dino-reward --config.data.instance_dir=photos/ \
+      --config.data.class_name=backpack
+  python -m personalize_jax.main --config=configs/dino_reward_dreambooth_tpu.py:tiny \
+      --workdir=/tmp/dino-reward-tiny
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _lookforward_recipe():
+  # configs/ is a folder of files, not a package: load the sibling by path.
+  path = Path(__file__).resolve().with_name("lookforward_dreambooth_tpu.py")
+  spec = importlib.util.spec_from_file_location("lookforward_dreambooth_tpu",
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
+  c = _lookforward_recipe().get_config(arg)
+  c.lookforward.reward = "dino"
+  c.lookforward.critic = False
+  return c

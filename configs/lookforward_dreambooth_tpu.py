@@ -1,0 +1,72 @@
+"""Look Forward on DreamBooth (Wei et al., ECCV 2024) on Stable Diffusion 1.4.
+
+The setting of the public code's ``train_dpg.sh``: 512 px, batch 1, lr 1e-6
+constant with no warmup, 1,000 steps, prior preservation with 8 class images
+and weight 1.0, the text encoder trained with the U-Net. The reward is the
+look-forward reconstruction error in latent space, its critic a 0.26M
+``QNetwork`` fitted to the one-step reward with SGD at lr 0.01, gamma 0.9986.
+The instance epsilon-loss keeps weight 1.0 as the paper writes the objective;
+``--config.lookforward.instance_loss_weight=0`` reproduces the public code.
+
+  python -m personalize_jax.main --config=configs/lookforward_dreambooth_tpu.py \
+      --workdir=/tmp/lookforward --config.data.instance_dir=photos/ \
+      --config.data.class_name=backpack
+  python -m personalize_jax.main --config=configs/lookforward_dreambooth_tpu.py:tiny \
+      --workdir=/tmp/lookforward-tiny
+
+Variants through flags: ``--config.lookforward.reward=dino`` (or ``both``),
+``--config.lookforward.critic_target=td`` (the paper's cumulative Q with a
+target network).
+"""
+
+import importlib.util
+from pathlib import Path
+
+from personalize_jax.engine import config as config_lib
+from personalize_jax.methods import dreambooth, lookforward
+
+
+def _dreambooth_recipe():
+  # configs/ is a folder of files, not a package: load the sibling by path so
+  # the recipe works from any working directory.
+  path = Path(__file__).resolve().with_name("dreambooth_tpu.py")
+  spec = importlib.util.spec_from_file_location("dreambooth_tpu", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
+  c = lookforward.add_config(dreambooth.add_config(config_lib.base_config()))
+  c.method = "lookforward"
+  c.model.pretrained = "CompVis/stable-diffusion-v1-4"
+  c.learning_rate = 1e-6
+  c.num_steps = 1000
+  c.batch_size = 1
+  c.optimizer.weight_decay = 1e-2
+  c.optimizer.clip_grad_norm = 1.0
+  c.trainable = [r"^unet\.", r"^text_encoder\."]
+  c.data.resolution = 512
+  c.dreambooth.prior_preservation = True
+  c.dreambooth.num_class_images = 8
+  c.dreambooth.prior_loss_weight = 1.0
+  c.dreambooth.train_text_encoder = True
+  c.lookforward.base = "dreambooth"
+  c.lookforward.reward = "latent"
+  c.lookforward.critic = True
+  c.lookforward.critic_target = "one_step"
+  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 250
+  if arg == "tiny":
+    tiny(c)
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
+  return c
+
+
+def tiny(c):
+  """DreamBooth's tiny variant plus the tiny DINO ViT."""
+  _dreambooth_recipe().tiny(c)
+  c.lookforward.dino_model = "tiny"
+  return c
