@@ -28,6 +28,7 @@ from personalize_jax.errors import UserError
 from personalize_jax.methods import base, custom_diffusion, dreambooth
 from personalize_jax.methods import lookforward
 from personalize_jax.models import presets
+from personalize_jax.models.unet import UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,10 +217,11 @@ def test_td_target_adds_the_discounted_target_critic_of_the_next_state(
 
 def test_dino_reward_gradient_reaches_the_denoiser_not_the_frozen_models(
     tmp_path):
-  # The tiny VAE and DINO ViT carry the gradient; the stub stands in for the
-  # tiny U-Net (whose backward the CLI run below compiles) to keep this fast.
-  pipeline = SimpleNamespace(unet=_StubUNet(32, nnx.Rngs(0)),
-                             vae=AutoencoderKL.from_pretrained("tiny", seed=1))
+  # All tiny models: the gradient runs from DINO through the VAE decoder into
+  # the tiny U-Net's parameters.
+  pipeline = SimpleNamespace(
+      unet=UNet2DConditionModel.from_pretrained("tiny", seed=0),
+      vae=AutoencoderKL.from_pretrained("tiny", seed=1))
   method = _method(tmp_path, pipeline, **{
       "lookforward.reward": "dino", "lookforward.critic": False,
       "lookforward.instance_loss_weight": 0.0,
