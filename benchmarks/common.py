@@ -1,0 +1,523 @@
+"""What the benchmarks share: model shapes, trainers built for a shape, the
+matmul peak, XLA's cost and memory analysis, and JSON-lines/markdown output.
+
+Shapes (``SHAPES``):
+
+  tiny      the ``tiny`` preset (U-Net 32/64 channels), 64 px (8x8 latents).
+  small     a 12.9M-parameter SD-like U-Net (``SMALL_UNET``), 256 px
+            (32x32 latents), 256-wide text.
+  sd14-256  Stable Diffusion 1.4's U-Net, text encoder and VAE (random
+  sd14-512  weights, no download) at 256 px and at 512 px.
+
+Data preparation (class images, RPO's generated images, VAE latents, text
+embeddings) always runs with small *stand-in* models of the shape's latent
+geometry (8x VAE, 4 channels) and text width: it fixes the shapes of the
+batches, not their values, and must not cost real-model time. For the
+``sd14`` shapes the modules a method trains or keeps frozen are then swapped
+for abstract SD 1.4-sized ones (``abstract_trainer``), so the step is lowered
+and compiled without materialising anything of model size.
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from personalize_jax import diffusion
+from personalize_jax.engine import optim, sharding, state as state_lib
+from personalize_jax.engine import train
+from personalize_jax.methods import base
+from personalize_jax.models import checkpoint, presets
+from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from personalize_jax.models.pipeline import StableDiffusion, load_stable_diffusion
+from personalize_jax.models.tokenizer import load_tokenizer
+from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("dreambooth", "custom_diffusion", "rpo", "lookforward")
+# The recipe each method is benchmarked with (its ``tiny`` variant prepares
+# the data; the shape, batch and precision are then set by the benchmark).
+RECIPES = {"dreambooth": "dreambooth_tpu.py",
+           "custom_diffusion": "custom_diffusion_tpu.py",
+           "rpo": "rpo_tpu.py",
+           "lookforward": "lookforward_dreambooth_tpu.py"}
+
+# SD-like, 12.9M parameters: three resolutions (64/128/192 channels), two
+# resnets per block, cross-attention in the two upper ones, 8 heads.
+SMALL_UNET = {
+    "sample_size": 32, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+    "block_out_channels": [64, 128, 192], "layers_per_block": 2,
+    "attention_head_dim": 8, "cross_attention_dim": 256, "norm_num_groups": 32,
+}
+# unet/config.json of CompVis/stable-diffusion-v1-4 (859,520,964 parameters).
+SD14_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+}
+# text_encoder/config.json of SD 1.4 (CLIP ViT-L/14 text, 123,060,480).
+SD14_TEXT = {"vocab_size": 49408, "hidden_size": 768,
+             "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77,
+             "hidden_act": "quick_gelu", "projection_dim": 768}
+# vae/config.json of SD 1.4 (83,653,863).
+SD14_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A model shape: the U-Net's config and the training resolution."""
+  name: str
+  unet: dict  # U-Net config.json values.
+  resolution: int  # image side in pixels (latents are 1/8 of it).
+  full_size: bool  # SD 1.4's modules: built abstractly, never materialised.
+
+
+SHAPES = {
+    "tiny": Shape("tiny", presets.UNET, 64, False),
+    "small": Shape("small", SMALL_UNET, 256, False),
+    "sd14-256": Shape("sd14-256", SD14_UNET, 256, True),
+    "sd14-512": Shape("sd14-512", SD14_UNET, 512, True),
+}
+
+
+def parse_list(text: str, valid: Iterable[str] | None = None) -> list[str]:
+  """``"a,b"`` -> ``["a", "b"]``, each checked against ``valid``."""
+  items = [s.strip() for s in text.split(",") if s.strip()]
+  if valid is not None:
+    bad = [s for s in items if s not in valid]
+    if bad:
+      raise SystemExit(f"unknown {bad}; choose from {', '.join(valid)}")
+  return items
+
+
+def method_available(method: str) -> str | None:
+  """None if ``method`` imports, else why not (methods are added over time)."""
+  try:
+    train.method_class(method)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+# ----------------------------------------------------------------- configs
+
+
+def recipe_config(method: str, shape: Shape, *, batch_size: int,
+                  precision: str) -> ml_collections.ConfigDict:
+  """The method's recipe (tiny data settings) at a shape, batch and precision."""
+  path = REPO / "configs" / RECIPES[method]
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.data.resolution = shape.resolution
+  config.batch_size = batch_size
+  config.mixed_precision = precision
+  config.model.attention_impl = "auto"
+  config.mesh.data, config.mesh.fsdp = -1, 1
+  # Only the shapes of the prepared data matter here: make it cheaply.
+  if "dreambooth" in config:
+    config.dreambooth.class_inference_steps = 1
+  if "rpo" in config:
+    config.rpo.gen_inference_steps = 1
+  return config
+
+
+def compute_dtype(precision: str):
+  return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+# ------------------------------------------------------------------ models
+
+
+def _random(build: Callable[[], nnx.Module], seed: int) -> nnx.Module:
+  return checkpoint.build_random(build, seed)
+
+
+def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
+                      attention_impl: str = "auto") -> StableDiffusion:
+  """Materialised models with the shape's latent geometry and text width.
+
+  ``tiny`` is exactly ``load_stable_diffusion("tiny")``. Otherwise: the tiny
+  VAE (8x, 4 channels, like SD's), a 2-layer CLIP text encoder as wide as the
+  U-Net's cross-attention, and the shape's U-Net, or, for the full-size
+  shapes, the tiny U-Net made as wide in its cross-attention.
+  """
+  dtype = compute_dtype(precision)
+  if shape.name == "tiny":
+    return load_stable_diffusion("tiny", dtype=dtype,
+                                 attention_impl=attention_impl, seed=seed)
+  kw = dict(dtype=dtype, attention_impl=attention_impl)
+  width = shape.unet["cross_attention_dim"]
+  unet_config = (dict(presets.UNET, cross_attention_dim=width)
+                 if shape.full_size else shape.unet)
+  text = dict(presets.CLIP_TEXT, hidden_size=width, projection_dim=width,
+              intermediate_size=2 * width)
+  return StableDiffusion(
+      unet=_random(lambda: UNet2DConditionModel(
+          UNet2DConditionConfig.from_dict(unet_config),
+          rngs=checkpoint.shape_only_rngs(), **kw), seed),
+      vae=AutoencoderKL.from_pretrained(presets.TINY, seed=seed + 1, **kw),
+      text_encoder=_random(lambda: CLIPTextModel(
+          CLIPTextConfig.from_dict(text), rngs=checkpoint.shape_only_rngs(),
+          **kw), seed + 2),
+      tokenizer=load_tokenizer(presets.TINY),
+      schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
+      source=f"stand-in:{shape.name}")
+
+
+def full_size(module: nnx.Module, shape: Shape, config) -> nnx.Module:
+  """An abstract SD 1.4-sized twin of a stand-in U-Net/VAE/text encoder.
+
+  Other modules (a critic, DINO) are returned as they are. A text encoder
+  keeps its vocabulary size (Custom Diffusion adds a token).
+  """
+  kw = dict(dtype=compute_dtype(config.mixed_precision),
+            attention_impl=config.model.attention_impl,
+            remat=config.model.remat)
+  if isinstance(module, UNet2DConditionModel):
+    cls, cfg = UNet2DConditionModel, UNet2DConditionConfig.from_dict(shape.unet)
+  elif isinstance(module, CLIPTextModel):
+    cls, cfg = CLIPTextModel, CLIPTextConfig.from_dict(
+        dict(SD14_TEXT, vocab_size=module.config.vocab_size))
+  elif isinstance(module, AutoencoderKL):
+    cls, cfg = AutoencoderKL, AutoencoderKLConfig.from_dict(SD14_VAE)
+  else:
+    return module
+  return nnx.eval_shape(
+      lambda: cls(cfg, rngs=checkpoint.shape_only_rngs(), **kw))
+
+
+def count_params(modules: dict[str, nnx.Module], names: Iterable[str]) -> int:
+  return sum(checkpoint.count_params(modules[n]) for n in names
+             if n in modules)
+
+
+# ---------------------------------------------------------------- trainers
+
+
+@dataclasses.dataclass
+class Built:
+  """A method's jitted step with its inputs (arrays, or abstract ones)."""
+  config: ml_collections.ConfigDict
+  shape: Shape
+  method: base.Method
+  mesh: Any
+  state: Any
+  frozen: Any
+  train_step: Any
+  abstract: bool
+  unet_params: int
+
+
+def _with_shardings(tree, shardings):
+  """``ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings``.
+
+  ``shardings`` may be a prefix of ``tree`` (one sharding per ``nnx.Variable``).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  shards = jax.tree.leaves(shardings)
+  assert len(leaves) == len(shards), (len(leaves), len(shards))
+  return treedef.unflatten([
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+      for x, s in zip(leaves, shards)])
+
+
+def _abstract_host(tree, target: NamedSharding):
+  """Host arrays -> ``ShapeDtypeStruct`` as ``jax.device_put`` would type them."""
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(
+      np.shape(v), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype),
+      sharding=target), tree)
+
+
+def abstract_trainer(config, workdir: Path, shape: Shape,
+                     pipeline: StableDiffusion | None = None) -> Built:
+  """The engine's trainer with SD-sized abstract modules: nothing materialised.
+
+  Mirrors ``train.build_trainer`` (``tests/test_benchmarks.py`` checks that
+  both give the same shapes, dtypes and shardings): prepares the method on the
+  stand-in pipeline, swaps its modules for ``full_size`` twins, builds the
+  optimizer, the state's layout and the jitted step the same way.
+  """
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  dtype = train.compute_dtype(config)
+  pipeline = pipeline or stand_in_pipeline(shape, config.mixed_precision,
+                                           config.seed,
+                                           config.model.attention_impl)
+  method = train.method_class(config.method)(base.Context(
+      config=config, workdir=workdir, pipeline=pipeline, mesh=mesh))
+  method.prepare()
+  params, frozen_states, sized = {}, {}, {}
+  for target, modules in ((params, method.trainable_modules()),
+                          (frozen_states, method.frozen_modules())):
+    for name, module in modules.items():
+      sized[name] = full_size(module, shape, config) if shape.full_size else module
+      method.graphdefs[name], state = nnx.split(sized[name])
+      target[name] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  tx, schedule, labels = optim.make_optimizer(
+      config, params, extra=method.extra_optimizers(),
+      row_masks=method.row_masks())
+  params = _with_shardings(params, sharding.state_shardings(params, mesh))
+  replicated = sharding.replicated(mesh)
+  opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+  # As state._onto_mesh: what jit did not lay out on the mesh is replicated.
+  opt_shardings = jax.tree.map(
+      lambda s: s if isinstance(s, NamedSharding) else replicated,
+      opt_shardings)
+  opt_state = _with_shardings(jax.eval_shape(tx.init, params), opt_shardings)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  state = state_lib.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      params=params, opt_state=opt_state,
+      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+  frozen_dtype = dtype if config.mixed_precision == "bf16" else None
+  frozen_states = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, frozen_dtype if frozen_dtype is not None
+          and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+      frozen_states)
+  frozen = {
+      "modules": _with_shardings(
+          frozen_states, sharding.state_shardings(frozen_states, mesh)),
+      "constants": _abstract_host(method.constants(), replicated),
+  }
+  train_step = state_lib.make_train_step(
+      method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
+      state_shardings=state_lib.shardings_of(state),
+      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
+      post_update=method.post_update)
+  return Built(config=config, shape=shape, method=method, mesh=mesh,
+               state=state, frozen=frozen, train_step=train_step,
+               abstract=True,
+               unet_params=count_params(sized, ("unet",)))
+
+
+def engine_trainer(config, workdir: Path, shape: Shape) -> Built:
+  """``train.build_trainer`` on the stand-in pipeline: real arrays."""
+  pipeline = stand_in_pipeline(shape, config.mixed_precision, config.seed,
+                               config.model.attention_impl)
+  unet_params = checkpoint.count_params(pipeline.unet)
+  trainer = train.build_trainer(config, workdir, pipeline=pipeline)
+  return Built(config=config, shape=shape, method=trainer.method,
+               mesh=trainer.mesh, state=trainer.state, frozen=trainer.frozen,
+               train_step=trainer.train_step, abstract=False,
+               unet_params=unet_params)
+
+
+def abstract_batch(method: base.Method, mesh) -> dict:
+  return _abstract_host(method.batch(0), sharding.batch_sharding(mesh))
+
+
+def materialise(tree, seed: int = 0):
+  """Random arrays for an abstract tree, made on the devices in its layout.
+
+  Floating leaves are ``N(0, 0.02)``, integers 0, PRNG keys from ``seed``:
+  values for timing, not for training.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+
+  def make():
+    out = []
+    for i, x in enumerate(leaves):
+      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        out.append(jax.random.key(seed))
+      elif jnp.issubdtype(x.dtype, jnp.floating):
+        out.append((0.02 * jax.random.normal(
+            jax.random.fold_in(jax.random.key(seed), i), x.shape,
+            jnp.float32)).astype(x.dtype))
+      else:
+        out.append(jnp.zeros(x.shape, x.dtype))
+    return treedef.unflatten(out)
+
+  shardings = treedef.unflatten([x.sharding for x in leaves])
+  return jax.jit(make, out_shardings=shardings)()
+
+
+# --------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def count_unet_calls():
+  """Counts U-Net calls and the rows they evaluate while a step is traced.
+
+  Yields a dict ``{"calls": n, "rows": n}`` filled as tracing runs (one
+  trace of the step: forward calls only, the backward pass is not counted).
+  """
+  counts = {"calls": 0, "rows": 0}
+  original = UNet2DConditionModel.__call__
+
+  def counted(self, sample, *args, **kwargs):
+    counts["calls"] += 1
+    counts["rows"] += int(sample.shape[0])
+    return original(self, sample, *args, **kwargs)
+
+  UNet2DConditionModel.__call__ = counted
+  try:
+    yield counts
+  finally:
+    UNet2DConditionModel.__call__ = original
+
+
+def cost_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def memory_report(compiled) -> dict:
+  """Bytes per device of a compiled program (XLA's memory analysis).
+
+  ``peak_bytes`` = arguments + outputs - donated (aliased) + temporaries:
+  what the program needs on a device while it runs.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp", "generated_code")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def device_peak_bytes() -> int | None:
+  """The device allocator's peak so far (GPU/TPU); None where unknown (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and (
+      "peak_bytes_in_use" in stats) else None
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
+  return f"{d.platform} ({d.device_kind})"
+
+
+def cpu_model() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def load_average() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def matmul_peak(dtype, size: int | None = None, repeats: int = 5) -> float:
+  """Measured FLOP/s of a square matmul on device 0: the MFU denominator.
+
+  The best of ``repeats`` timed calls (after a warm-up) of ``a @ b`` with
+  ``size x size`` operands: 2 * size^3 FLOPs each.
+  """
+  device = jax.devices()[0]
+  if size is None:
+    size = 2048 if device.platform == "cpu" else 8192
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.device_put(jax.random.normal(k, (size, size), dtype), device)
+          for k in keys)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def mfu(flops_per_step: float | None, seconds_per_step: float | None,
+        peak_flops_per_s: float | None) -> float | None:
+  """Model FLOPs utilisation: achieved FLOP/s over the measured peak."""
+  if not flops_per_step or not seconds_per_step or not peak_flops_per_s:
+    return None
+  return flops_per_step / seconds_per_step / peak_flops_per_s
+
+
+def summary(times: list[float]) -> dict:
+  return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+          "min_s": min(times), "n": len(times)}
+
+
+# ------------------------------------------------------------------ output
+
+
+def emit(record: dict, stream=None) -> None:
+  """One JSON line on stdout (the machine-readable result)."""
+  print(json.dumps(record, sort_keys=True, default=_json_default),
+        file=stream or sys.stdout, flush=True)
+
+
+def _json_default(value):
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (np.floating,)):
+    return float(value)
+  return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+  """A markdown table of ``rows`` with ``(key, header)`` columns."""
+
+  def cell(value):
+    if value is None:
+      return "-"
+    if isinstance(value, float):
+      if value == 0:
+        return "0"
+      if abs(value) >= 100:
+        return f"{value:,.0f}"
+      return f"{value:.3g}"
+    return str(value)
+
+  lines = ["| " + " | ".join(h for _, h in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for row in rows:
+    lines.append("| " + " | ".join(cell(row.get(k)) for k, _ in columns)
+                 + " |")
+  return "\n".join(lines)
+
+
+def gib(n: float | None) -> float | None:
+  return None if n is None else n / 2**30

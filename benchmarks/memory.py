@@ -1,0 +1,321 @@
+"""Does the real SD 1.4 RPO step fit a 16 GiB TPU v5e chip (FSDP over 4) and
+one 80 GiB GPU? Per-device bytes from XLA, with no accelerator.
+
+The RPO step at 512 px in bf16 (trainable fp32 U-Net + AdamW, frozen bf16
+base U-Net, cached text states) is built abstractly
+(``common.abstract_trainer``: ``ShapeDtypeStruct``s with the engine's
+shardings, nothing of model size materialised), lowered and compiled on the
+host's CPU devices, and ``compiled.memory_analysis()`` gives per-device
+arguments, outputs, donated (aliased) bytes and temporaries. Four CPU devices
+(``--xla_force_host_platform_device_count=4``) stand in for the four chips.
+
+To that step the engine adds what stays on the devices around it, listed
+separately (``residents``): the pipeline's fp32 VAE and text encoder and
+RPO's fp32 CLIP reward model, all on device 0 (they are put there unsharded
+by ``load_stable_diffusion`` and ``from_pretrained``), and, when the state is
+sharded, the pipeline's own fp32 U-Net, which the sharded copy does not
+replace (on one device ``device_put`` aliases it instead: see the
+``engine_residents`` record, measured on the tiny models). The validation
+programs (the 50-step DDIM scan with guidance and the VAE decode at 512 px)
+are compiled the same way.
+
+Caveats: the CPU compiler's buffer assignment, fusion and bf16 handling
+differ from TPU's and GPU's, and attention runs as plain XLA here (the
+``auto`` choice is Pallas flash attention on TPU and cuDNN on GPU, which hold
+no (queries x keys) matrix), so these are estimates, not guarantees.
+
+  python benchmarks/memory.py                      # both scenarios
+  python benchmarks/memory.py --scenarios=gpu-80g --method=dreambooth
+  python benchmarks/memory.py --scenarios=tiny-fsdp4   # smoke test
+
+Prints JSON lines, then a markdown table.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """Where the step must fit."""
+  devices: int  # CPU devices standing in for the accelerators.
+  fsdp: int  # mesh.fsdp (mesh.data fills the rest).
+  batch_size: int  # global batch (RPO: pairs per step).
+  budget_gib: float  # memory of one device.
+  shape: str  # common.SHAPES key.
+  what: str
+
+
+SCENARIOS = {
+    "v5e-fsdp4": Scenario(4, 4, 4, 16.0, "sd14-512",
+                          "TPU v5e x4, 16 GiB/chip, FSDP over 4, batch 4"),
+    "gpu-80g": Scenario(1, 1, 1, 80.0, "sd14-512",
+                        "one 80 GiB GPU, batch 1"),
+    "tiny-fsdp4": Scenario(4, 4, 4, 16.0, "tiny", "smoke test"),
+}
+# Parameters of the fp32 models that stay on device 0 (README counts).
+CLIP_B32_PARAMS = 151_277_313
+
+
+def run_scenario(name: str, args) -> list[dict]:
+  """One scenario in this process (jax already sees its devices)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  import common
+  from personalize_jax import diffusion
+  from personalize_jax.engine import sharding
+  from personalize_jax.models import checkpoint
+  # pylint: enable=g-import-not-at-top
+  scenario = SCENARIOS[name]
+  shape = common.SHAPES[scenario.shape]
+  assert jax.device_count() == scenario.devices, jax.devices()
+  config = common.recipe_config(args.method, shape,
+                                batch_size=scenario.batch_size,
+                                precision=args.precision)
+  config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
+  config.model.remat = args.remat
+  out = []
+  with tempfile.TemporaryDirectory() as workdir:
+    built = common.abstract_trainer(config, Path(workdir), shape)
+    batch = common.abstract_batch(built.method, built.mesh)
+    compiled = built.train_step.lower(built.state, built.frozen,
+                                      batch).compile()
+  step = common.memory_report(compiled)
+  mesh = built.mesh
+  state_bytes = _per_device_bytes(built.state)
+  frozen_bytes = _per_device_bytes(built.frozen)
+
+  # What the engine keeps on device 0 besides the step's arguments.
+  def sized(module):  # the module the real shape has (abstract if full size)
+    return (common.full_size(module, shape, config) if shape.full_size
+            else module)
+
+  pipe = built.method.ctx.pipeline
+  residents = {
+      "vae_fp32": 4 * checkpoint.count_params(sized(pipe.vae)),
+      "text_encoder_fp32": 4 * checkpoint.count_params(
+          sized(pipe.text_encoder)),
+  }
+  if args.method == "rpo":
+    residents["reward_clip_b32_fp32"] = (
+        4 * CLIP_B32_PARAMS if shape.full_size
+        else 4 * checkpoint.count_params(built.method.reward.clip))
+  if scenario.fsdp > 1:
+    residents["pipeline_unet_fp32"] = 4 * built.unet_params
+  resident = sum(residents.values())
+
+  # Validation: DDIM with guidance, then the VAE decode, as engine.evaluate.
+  unet_def = built.method.graphdefs["unet"]
+  params = built.state.params["unet"]
+  batch_eval = max(scenario.devices, len(config.eval.prompts))
+  side = shape.resolution // 8
+  width = shape.unet["cross_attention_dim"]
+  replicated = sharding.replicated(mesh)
+  spread = sharding.batch_sharding(mesh)  # generate(batch_sharding=...)
+  sds = lambda s, dt=jnp.float32, where=replicated: jax.ShapeDtypeStruct(
+      s, dt, sharding=where)
+  schedule = pipe.schedule
+  steps = config.eval.num_inference_steps
+  ddim = diffusion._ddim_loop.lower(  # pylint: disable=protected-access
+      unet_def, params, schedule, sds((batch_eval, side, side, 4), where=spread),
+      sds((batch_eval, 77, width), where=spread), sds((batch_eval, 77, width)),
+      sds((steps,), jnp.int32), 7.5, 0.0, None,
+      num_inference_steps=steps).compile()
+  vae_def, vae_state = nnx.split(sized(pipe.vae))
+  vae_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, jnp.float32, sharding=replicated), vae_state)
+  decode = diffusion._decode_to_uint8.lower(  # pylint: disable=protected-access
+      vae_def, vae_state, sds((batch_eval, side, side, 4), where=spread),
+      pipe.vae.scaling_factor).compile()
+  ddim_mem, decode_mem = (common.memory_report(ddim),
+                          common.memory_report(decode))
+  train_peak = step["peak"] + resident
+  # During validation the state and frozen models stay put; the sampler's and
+  # the decoder's temporaries come on top, one program at a time.
+  eval_peak = (state_bytes + frozen_bytes + resident
+               + max(ddim_mem["temp"] + ddim_mem["output"],
+                     decode_mem["temp"] + decode_mem["output"]))
+  record = {
+      "benchmark": "memory", "scenario": name, "what": scenario.what,
+      "method": args.method, "shape": shape.name,
+      "resolution": shape.resolution, "precision": config.mixed_precision,
+      "remat": config.model.remat, "attention": "xla (CPU compile)",
+      "devices": scenario.devices, "mesh": dict(mesh.shape),
+      "batch_size": scenario.batch_size, "unet_params": built.unet_params,
+      "sharded_fraction_of_params": sharding.sharded_fraction(
+          built.state.params, jax.tree.map(lambda x: x.sharding,
+                                           built.state.params)),
+      "step_bytes_per_device": step,
+      "train_state_bytes_per_device": state_bytes,
+      "frozen_bytes_per_device": frozen_bytes,
+      "resident_bytes_device0": residents,
+      "validation_ddim_bytes": ddim_mem, "validation_decode_bytes": decode_mem,
+      "validation_batch": batch_eval,
+      "train_peak_gib_device0": train_peak / GIB,
+      "eval_peak_gib_device0": eval_peak / GIB,
+      "budget_gib": scenario.budget_gib,
+      "fits": max(train_peak, eval_peak) <= scenario.budget_gib * GIB,
+      "step_peak_gib": step["peak"] / GIB,
+  }
+  out.append(record)
+  if shape.name == "tiny" or args.check_residents:
+    out.append(engine_residents(name, args))
+  del np
+  return out
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of an abstract tree with shardings."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard)) * x.dtype.itemsize  # PRNG keys too
+  return total
+
+
+def engine_residents(name: str, args) -> dict:
+  """Measured on the tiny models: bytes per device after ``build_trainer``.
+
+  ``jax.live_arrays()`` after the engine has built its state and frozen
+  inputs, against what those hold: the difference is what stays resident
+  outside the train step (the pipeline's modules on device 0).
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from flax import nnx
+  import common
+  from personalize_jax.engine import train
+  # pylint: enable=g-import-not-at-top
+  scenario = SCENARIOS[name]
+  shape = common.SHAPES["tiny"]
+  config = common.recipe_config(args.method, shape,
+                                batch_size=scenario.batch_size,
+                                precision=args.precision)
+  config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
+  with tempfile.TemporaryDirectory() as workdir:
+    pipeline = common.stand_in_pipeline(shape, config.mixed_precision)
+    trainer = train.build_trainer(config, Path(workdir), pipeline=pipeline)
+    # Buffers, not array objects: on one device the state aliases the
+    # pipeline's arrays, and one buffer must count once.
+    per_device = _buffer_bytes(jax.live_arrays())
+    accounted = _buffer_bytes(jax.tree.leaves((trainer.state, trainer.frozen)))
+    unet_arrays = jax.tree.leaves(nnx.state(pipeline.unet))
+    unet_bytes = sum(x.nbytes for x in unet_arrays)
+    unet_alive = not any(x.is_deleted() for x in unet_arrays)
+  return {
+      "benchmark": "engine_residents", "scenario": name, "shape": "tiny",
+      "method": args.method, "devices": scenario.devices,
+      "live_bytes_per_device": per_device,
+      "state_and_frozen_bytes_per_device": accounted,
+      "outside_step_bytes_per_device": {
+          k: per_device[k] - accounted.get(k, 0) for k in per_device},
+      "pipeline_unet_fp32_bytes": unet_bytes,
+      "pipeline_unet_still_alive": unet_alive,
+  }
+
+
+def _buffer_bytes(arrays) -> dict[str, int]:
+  """Bytes per device id of the distinct buffers behind ``arrays``."""
+  seen, out = set(), {}
+  for array in arrays:
+    for shard in array.addressable_shards:
+      key = (shard.device.id, shard.data.unsafe_buffer_pointer())
+      if key not in seen:
+        seen.add(key)
+        out[str(shard.device.id)] = (out.get(str(shard.device.id), 0)
+                                     + shard.data.nbytes)
+  return out
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--scenarios", default="v5e-fsdp4,gpu-80g",
+                      help=f"comma-separated, of {', '.join(SCENARIOS)}")
+  parser.add_argument("--method", default="rpo",
+                      choices=("dreambooth", "custom_diffusion", "rpo",
+                               "lookforward"))
+  parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+  parser.add_argument("--remat", action="store_true",
+                      help="rematerialise U-Net blocks (config.model.remat)")
+  parser.add_argument("--check-residents", action="store_true",
+                      help="also measure engine residents on tiny models")
+  parser.add_argument("--in-process", action="store_true",
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+  bad = [n for n in names if n not in SCENARIOS]
+  if bad:
+    raise SystemExit(f"unknown scenarios {bad}; choose from {list(SCENARIOS)}")
+  if args.in_process:
+    # One scenario, this process: the device count was set before jax loaded.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # pylint: disable=g-import-not-at-top
+    records = run_scenario(names[0], args)
+    for record in records:
+      common.emit(record)
+    return records
+  records = []
+  for name in names:
+    # A fresh process per scenario: the CPU device count is fixed at import.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
+    flags.append("--xla_force_host_platform_device_count="
+                 f"{SCENARIOS[name].devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--in-process",
+           f"--scenarios={name}", f"--method={args.method}",
+           f"--precision={args.precision}"]
+    cmd += ["--remat"] * args.remat + ["--check-residents"] * args.check_residents
+    result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                            check=True)
+    for line in result.stdout.splitlines():
+      if line.startswith("{"):
+        print(line, flush=True)
+        records.append(json.loads(line))
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  import common  # pylint: disable=g-import-not-at-top
+  rows = []
+  for r in records:
+    if r["benchmark"] != "memory":
+      continue
+    step = r["step_bytes_per_device"]
+    res = r["resident_bytes_device0"]
+    rows.append({
+        "scenario": r["scenario"], "method": r["method"],
+        "batch": r["batch_size"], "remat": r["remat"],
+        "state": r["train_state_bytes_per_device"] / GIB,
+        "frozen": r["frozen_bytes_per_device"] / GIB,
+        "temp": step["temp"] / GIB, "step": step["peak"] / GIB,
+        "resident": sum(res.values()) / GIB,
+        "train": r["train_peak_gib_device0"],
+        "eval": r["eval_peak_gib_device0"],
+        "budget": r["budget_gib"], "fits": "yes" if r["fits"] else "NO"})
+  print()
+  print(common.markdown_table(rows, [
+      ("scenario", "scenario"), ("method", "method"), ("batch", "batch"),
+      ("remat", "remat"), ("state", "train state GiB/dev"),
+      ("frozen", "frozen GiB/dev"), ("temp", "step temp GiB/dev"),
+      ("step", "step peak GiB/dev"), ("resident", "+ on device 0 GiB"),
+      ("train", "training peak GiB (dev 0)"),
+      ("eval", "validation peak GiB (dev 0)"), ("budget", "budget GiB"),
+      ("fits", "fits")]))
+  return records
+
+
+if __name__ == "__main__":
+  main()
