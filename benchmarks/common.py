@@ -290,12 +290,10 @@ def abstract_trainer(config, workdir: Path, shape: Shape,
       row_masks=method.row_masks())
   params = _with_shardings(params, sharding.state_shardings(params, mesh))
   replicated = sharding.replicated(mesh)
-  opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
-  # As state._onto_mesh: what jit did not lay out on the mesh is replicated.
-  opt_shardings = jax.tree.map(
-      lambda s: s if isinstance(s, NamedSharding) else replicated,
-      opt_shardings)
-  opt_state = _with_shardings(jax.eval_shape(tx.init, params), opt_shardings)
+  # As state.create_train_state: each moment laid out like its parameter.
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_state = _with_shardings(abstract_opt, state_lib.opt_state_shardings(
+      abstract_opt, params, mesh))
   key = jax.eval_shape(lambda: jax.random.key(0))
   state = state_lib.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),

@@ -12,10 +12,9 @@ arguments, outputs, donated (aliased) bytes and temporaries. Four CPU devices
 To that step the engine adds what stays on the devices around it, listed
 separately (``residents``): the pipeline's fp32 VAE and text encoder and
 RPO's fp32 CLIP reward model, all on device 0 (they are put there unsharded
-by ``load_stable_diffusion`` and ``from_pretrained``), and, when the state is
-sharded, the pipeline's own fp32 U-Net, which the sharded copy does not
-replace (on one device ``device_put`` aliases it instead: see the
-``engine_residents`` record, measured on the tiny models). The validation
+by ``load_stable_diffusion`` and ``from_pretrained``). The pipeline's own
+U-Net is not among them: the engine points it at the sharded state (the
+``engine_residents`` record checks this on the tiny models). The validation
 programs (the 50-step DDIM scan with guidance and the VAE decode at 512 px)
 are compiled the same way.
 
@@ -86,6 +85,9 @@ def run_scenario(name: str, args) -> list[dict]:
   config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
   config.model.remat = args.remat
   out = []
+  if shape.name == "tiny" or args.check_residents:
+    # First, while the engine's models are the only ones in this process.
+    out.append(engine_residents(name, args))
   with tempfile.TemporaryDirectory() as workdir:
     built = common.abstract_trainer(config, Path(workdir), shape)
     batch = common.abstract_batch(built.method, built.mesh)
@@ -111,8 +113,6 @@ def run_scenario(name: str, args) -> list[dict]:
     residents["reward_clip_b32_fp32"] = (
         4 * CLIP_B32_PARAMS if shape.full_size
         else 4 * checkpoint.count_params(built.method.reward.clip))
-  if scenario.fsdp > 1:
-    residents["pipeline_unet_fp32"] = 4 * built.unet_params
   resident = sum(residents.values())
 
   # Validation: DDIM with guidance, then the VAE decode, as engine.evaluate.
@@ -158,6 +158,7 @@ def run_scenario(name: str, args) -> list[dict]:
                                            built.state.params)),
       "step_bytes_per_device": step,
       "train_state_bytes_per_device": state_bytes,
+      "train_state_bytes_total": _total_bytes(built.state),
       "frozen_bytes_per_device": frozen_bytes,
       "resident_bytes_device0": residents,
       "validation_ddim_bytes": ddim_mem, "validation_decode_bytes": decode_mem,
@@ -169,8 +170,6 @@ def run_scenario(name: str, args) -> list[dict]:
       "step_peak_gib": step["peak"] / GIB,
   }
   out.append(record)
-  if shape.name == "tiny" or args.check_residents:
-    out.append(engine_residents(name, args))
   del np
   return out
 
@@ -185,6 +184,15 @@ def _per_device_bytes(tree) -> int:
     shard = x.sharding.shard_shape(x.shape)
     total += int(np.prod(shard)) * x.dtype.itemsize  # PRNG keys too
   return total
+
+
+def _total_bytes(tree) -> int:
+  """Bytes of an abstract tree over all devices (one copy of each leaf)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def engine_residents(name: str, args) -> dict:
@@ -213,9 +221,14 @@ def engine_residents(name: str, args) -> dict:
     # pipeline's arrays, and one buffer must count once.
     per_device = _buffer_bytes(jax.live_arrays())
     accounted = _buffer_bytes(jax.tree.leaves((trainer.state, trainer.frozen)))
+    # The pipeline's U-Net now holds the state's (sharded) arrays: its
+    # unsharded originals must be gone, not left whole on device 0.
     unet_arrays = jax.tree.leaves(nnx.state(pipeline.unet))
     unet_bytes = sum(x.nbytes for x in unet_arrays)
-    unet_alive = not any(x.is_deleted() for x in unet_arrays)
+    state_ids = {id(x) for x in jax.tree.leaves(trainer.state.params["unet"])}
+    unet_is_state = all(id(x) in state_ids for x in unet_arrays)
+    others = {name: sum(x.nbytes for x in jax.tree.leaves(
+        nnx.state(getattr(pipeline, name)))) for name in ("vae", "text_encoder")}
   return {
       "benchmark": "engine_residents", "scenario": name, "shape": "tiny",
       "method": args.method, "devices": scenario.devices,
@@ -224,7 +237,8 @@ def engine_residents(name: str, args) -> dict:
       "outside_step_bytes_per_device": {
           k: per_device[k] - accounted.get(k, 0) for k in per_device},
       "pipeline_unet_fp32_bytes": unet_bytes,
-      "pipeline_unet_still_alive": unet_alive,
+      "pipeline_unet_holds_the_state": unet_is_state,
+      "pipeline_vae_and_text_encoder_bytes": others,
   }
 
 

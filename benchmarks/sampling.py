@@ -146,6 +146,9 @@ def rpo_split(args) -> dict:
   recipe = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(recipe)
   config = recipe.get_config("tiny")
+  if args.rpo_steps:
+    config.num_steps = args.rpo_steps
+    config.eval_every_steps = min(config.eval_every_steps, args.rpo_steps)
   rpo_cls = train.method_class("rpo")
   timer = PhaseTimer()
   make_step = state_lib.make_train_step
@@ -224,6 +227,9 @@ def main(argv=None) -> dict:
                       help="default: fp32 on CPU, bf16 on accelerators")
   parser.add_argument("--rpo-split", action="store_true",
                       help="also time a whole tiny RPO run by phase")
+  parser.add_argument("--rpo-steps", type=int, default=0,
+                      help="training steps of the timed RPO run (default: "
+                      "the tiny recipe's)")
   parser.add_argument("--no-sampling", action="store_true",
                       help="skip the batch-size sweep")
   args = parser.parse_args(argv)

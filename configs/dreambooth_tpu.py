@@ -52,6 +52,15 @@ def tiny(c):
   c.eval_every_steps = 10
   c.eval.prompts = c.eval.prompts[:2]
   c.eval.num_inference_steps = 4
+  # Off: the tiny recipes run in many tests (configs/demo_cpu.py turns it on).
+  c.final_eval.enabled = False
+  c.final_eval.prompts = c.final_eval.prompts[:2]
+  c.final_eval.num_images_per_prompt = 2
+  c.final_eval.num_inference_steps = 4
+  c.final_eval.batch_size = 4
+  c.final_eval.dino_model = "tiny"
+  c.final_eval.clip_model = "tiny"
+  c.final_eval.grid_thumbnail = 64
   if "dreambooth" in c:
     c.dreambooth.num_class_images = 4
     c.dreambooth.class_inference_steps = 4

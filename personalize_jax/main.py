@@ -107,6 +107,11 @@ def summary_text(summary, config, config_arg: str) -> str:
     step = best.pop("step")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items())
     lines.append(f"best step {step}: {scores} (exported)")
+  if summary.final_eval:
+    from personalize_jax.engine import final_eval  # pylint: disable=g-import-not-at-top
+    lines.append(f"final evaluation ({work / 'final_eval' / 'metrics.md'}, "
+                 "grids beside it):")
+    lines += final_eval.summary_lines(summary.final_eval)
   lines += [
       f"  fine-tuned pipeline (diffusers layout): {work / 'export'}",
       f"  metrics: {work / 'metrics.jsonl'}  (TensorBoard: {work / 'tensorboard'})",

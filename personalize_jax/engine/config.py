@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = [r"^unet\."]  # regexes over "component.torch.key" names that train.
   c.overwrite = False  # allow a workdir that holds a run of another config.
   c.nan_policy = "stop"  # on NaN/Inf: "stop" at that step or "skip" the update.
+  c.debug_nan_at_step = 0  # tests nan_policy: this step's loss becomes NaN (0 = off).
 
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = "CompVis/stable-diffusion-v1-4"  # Hub id, folder or "tiny".
@@ -77,6 +78,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_inference_steps = 50  # DDIM steps for samples.
   c.eval.guidance_scale = 7.5  # classifier-free guidance for samples.
   c.eval.seed = 1234  # fixed seed so sample grids are comparable across steps.
+
+  # After training: DreamBench scores of export/ and of the base model.
+  c.final_eval = ml_collections.ConfigDict()
+  c.final_eval.enabled = True  # run it (writes <workdir>/final_eval/).
+  c.final_eval.prompts = [  # held-out prompts, none of them trained on.
+      "a {token} {class_name} in the snow",
+      "a {token} {class_name} on a cobblestone street",
+      "a {token} {class_name} with a city in the background",
+      "a {token} {class_name} on top of a wooden floor",
+      "a {token} {class_name} with the Eiffel Tower in the background",
+      "a purple {token} {class_name}",
+  ]
+  c.final_eval.num_images_per_prompt = 4  # images per prompt and model (DreamBench: 4).
+  c.final_eval.num_inference_steps = 50  # DDIM steps.
+  c.final_eval.guidance_scale = 7.5  # classifier-free guidance.
+  c.final_eval.seed = 2024  # the same noise for the base and the fine-tuned model.
+  c.final_eval.batch_size = 8  # images per generation and embedding call.
+  c.final_eval.dino_model = "facebook/dino-vits16"  # DINO score: folder, Hub id or "tiny".
+  c.final_eval.clip_model = "openai/clip-vit-base-patch32"  # CLIP-I/T and H(lambda).
+  c.final_eval.harmonic_lams = (0.3, 0.5)  # lambda values of the harmonic scores.
+  c.final_eval.grid_thumbnail = 128  # side of each image in the grids.
   return c
 
 
@@ -107,6 +129,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"use one of {', '.join(MIXED_PRECISION)}")
   if config.nan_policy not in NAN_POLICIES:
     _fail("nan_policy", config.nan_policy, f"use one of {', '.join(NAN_POLICIES)}")
+  if (not isinstance(config.debug_nan_at_step, int)
+      or isinstance(config.debug_nan_at_step, bool)
+      or config.debug_nan_at_step < 0):
+    _fail("debug_nan_at_step", config.debug_nan_at_step,
+          "it must be 0 (off) or the step whose loss is made NaN")
+  if config.final_eval.enabled:
+    for key in ("num_images_per_prompt", "num_inference_steps", "batch_size",
+                "grid_thumbnail"):
+      value = config.final_eval[key]
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(f"final_eval.{key}", value, "it must be a positive integer")
+    if not config.final_eval.prompts:
+      _fail("final_eval.prompts", list(config.final_eval.prompts),
+            "list at least one prompt, or set final_eval.enabled=false")
   if config.optimizer.schedule not in SCHEDULES:
     _fail("optimizer.schedule", config.optimizer.schedule,
           f"use one of {', '.join(SCHEDULES)}")

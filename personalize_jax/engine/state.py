@@ -53,7 +53,7 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
   nothing of model size is ever built on the host or replicated.
   """
   params = place_params(params, mesh)
-  opt_shardings = _like_params(jax.eval_shape(tx.init, params), params, mesh)
+  opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   replicated = sharding.replicated(mesh)
   return TrainState(
@@ -62,7 +62,7 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
       rng=jax.device_put(jax.random.key(seed), replicated))
 
 
-def _like_params(abstract_opt_state, params, mesh: Mesh):
+def opt_state_shardings(abstract_opt_state, params, mesh: Mesh):
   """Shardings of an optimizer state: moments follow their parameters.
 
   ``jit(tx.init)`` alone would replicate the moments (zeros do not depend on
@@ -100,7 +100,8 @@ def abstract_of(tree):
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, labels, *, nan_policy: str,
                     state_shardings, frozen_shardings, mesh: Mesh,
-                    post_update: Callable[[Any, jax.Array], Any] | None = None):
+                    post_update: Callable[[Any, jax.Array], Any] | None = None,
+                    debug_nan_at_step: int = 0):
   """Builds the jitted ``train_step(state, frozen, batch) -> (state, metrics)``.
 
   Args:
@@ -116,12 +117,24 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     mesh: the mesh; batches are split along their leading axis over it.
     post_update: ``(params, step) -> params`` applied after the optimizer
       (a method's non-gradient updates, e.g. a lagging target network).
+    debug_nan_at_step: multiply the loss of this step (counted from 1) by NaN,
+      which makes its gradients NaN too, to test ``nan_policy``; 0 leaves the
+      compiled step as it would be without this option.
   """
+
+  def step_loss_fn(params, frozen, batch, rng, step):
+    loss, metrics = loss_fn(params, frozen, batch, rng)
+    if debug_nan_at_step:
+      # A factor rather than a replaced value, so that the NaN reaches the
+      # gradients as a real divergence would; 1.0 on other steps changes no bit.
+      factor = jnp.where(step + 1 == debug_nan_at_step, jnp.nan, 1.0)
+      loss = loss * factor.astype(loss.dtype)
+    return loss, metrics
 
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, frozen, batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(step_loss_fn, has_aux=True)(
+        state.params, frozen, batch, rng, state.step)
     trained = jax.tree.map(
         lambda g, label: jnp.zeros_like(g) if label == optim.FREEZE else g,
         grads, labels)

@@ -10,8 +10,7 @@ script::
 Each job runs ``train_and_evaluate`` on ``configs/dreambooth_tpu.py:tiny``
 with dotted-key ``overrides``. Optional job keys: ``dump_steps`` writes the
 train state's parameters after those steps to ``<workdir>/params_step<N>.npz``
-(keyed by their tree paths); ``sigterm_at`` sends this process SIGTERM
-while that step runs, as a cluster scheduler would. The last stdout line is
+(keyed by their tree paths). The last stdout line is
 JSON: the device count and, per job, the steps done, what stopped it, and the
 fractions of parameter and train-state bytes that the engine sharded.
 """
@@ -19,7 +18,6 @@ fractions of parameter and train-state bytes that the engine sharded.
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -58,11 +56,10 @@ def main() -> None:
   import numpy as np
   from personalize_jax.engine import sharding
   from personalize_jax.engine import state as state_lib, train
-  from personalize_jax.methods import dreambooth
   # pylint: enable=g-import-not-at-top
 
   record, job = {}, {}
-  create, batch = state_lib.create_train_state, dreambooth.DreamBooth.batch
+  create = state_lib.create_train_state
   make_train_step = state_lib.make_train_step
 
   def recording_create(*a, **k):
@@ -75,11 +72,6 @@ def main() -> None:
             if any(axis is not None for axis in x.sharding.spec))
         / sum(x.nbytes for x in arrays))
     return state
-
-  def signalling_batch(self, step):
-    if step + 1 == job.get("sigterm_at"):
-      os.kill(os.getpid(), signal.SIGTERM)
-    return batch(self, step)
 
   def dumping_make_train_step(*a, **k):
     train_step = make_train_step(*a, **k)
@@ -97,7 +89,6 @@ def main() -> None:
 
   state_lib.create_train_state = recording_create
   state_lib.make_train_step = dumping_make_train_step
-  dreambooth.DreamBooth.batch = signalling_batch
   runs = []
   for spec in json.loads(args.jobs):
     record.clear()
