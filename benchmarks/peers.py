@@ -7,7 +7,8 @@ states, fp32; noise and timesteps drawn in the step, SD's scaled-linear
 noising, epsilon MSE of both halves, gradient clipping at 1.0 and AdamW
 (lr 5e-6, weight decay 1e-2).
 
-  ours    the engine's step (``train.build_trainer``, DreamBooth recipe), run
+  ours    the engine's step (``train.build_trainer``, DreamBooth recipe,
+          its default ``attention_impl="auto"``: ``chunked`` on CPU), run
           as the engine's loop runs it (batch transfer and finite check
           included).
   flax    diffusers 0.39's ``FlaxUNet2DConditionModel`` (the last release
@@ -15,6 +16,8 @@ noising, epsilon MSE of both halves, gradient clipping at 1.0 and AdamW
           (jit with the state donated, optax), in its own virtual environment
           (``--venv``, created on first use with ``FLAX_PINS``). The noising
           is written inline: ``FlaxDDPMScheduler`` of 0.39 breaks on jax 0.10.
+  flax-mea  the same with ``use_memory_efficient_attention=True`` (its
+          chunked attention; off in ``train_dreambooth_flax.py``).
   torch   diffusers' PyTorch ``UNet2DConditionModel`` (the main environment's
           diffusers and torch, CPU) in the step of ``train_dreambooth.py``
           (eager, SDPA attention, ``clip_grad_norm_``, ``torch.optim.AdamW``)
@@ -25,7 +28,7 @@ noising, epsilon MSE of both halves, gradient clipping at 1.0 and AdamW
 Each framework runs in a worker process of its own that builds and warms up
 first; then rounds alternate between them (one worker computes at a time,
 the order rotating every round) so that a change in the machine's load hits
-all three alike. Reported: each one's median step time and the ratios to ours.
+all of them alike. Reported: each one's median step time and the ratios to ours.
 
   python benchmarks/peers.py                   # 6 rounds of 5 steps each
   python benchmarks/peers.py --rounds=1 --steps=2 --peers=ours,torch   # smoke
@@ -46,7 +49,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PEERS = ("ours", "flax", "torch", "torch-1t")
+PEERS = ("ours", "flax", "flax-mea", "torch", "torch-1t")
 FLAX_PINS = ("diffusers==0.39.0", "transformers==4.57.6",
              "huggingface-hub==0.36.2", "jax==0.10.2", "jaxlib==0.10.2",
              "flax==0.12.8")
@@ -76,7 +79,7 @@ def ours_worker(spec: dict, seed: int):
   config = common.recipe_config("dreambooth", shape, batch_size=1,
                                 precision="fp32")
   config.seed = seed
-  config.model.attention_impl = "xla"
+  config.model.attention_impl = "auto"  # the recipes' default
   config.learning_rate = LR
   config.optimizer.weight_decay = WEIGHT_DECAY
   config.optimizer.clip_grad_norm = CLIP
@@ -108,8 +111,12 @@ def ours_worker(spec: dict, seed: int):
   return run, info
 
 
-def flax_worker(spec: dict, seed: int):
-  """diffusers 0.39 Flax U-Net in train_dreambooth_flax.py's step."""
+def flax_worker(spec: dict, seed: int, memory_efficient: bool = False):
+  """diffusers 0.39 Flax U-Net in train_dreambooth_flax.py's step.
+
+  ``memory_efficient``: the U-Net's ``use_memory_efficient_attention`` (query
+  and key chunks, Rabe and Staats), off in ``train_dreambooth_flax.py``.
+  """
   unet_config, side = spec["unet"], spec["latent"]
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -123,7 +130,8 @@ def flax_worker(spec: dict, seed: int):
   assert unet_config.get("norm_num_groups", 32) == 32
   unet = diffusers.FlaxUNet2DConditionModel(
       **{k: tuple(v) if isinstance(v, list) else v
-         for k, v in unet_config.items() if k in fields}, dtype=jnp.float32)
+         for k, v in unet_config.items() if k in fields}, dtype=jnp.float32,
+      use_memory_efficient_attention=memory_efficient)
   params = unet.init_weights(jax.random.key(seed))
   tx = optax.chain(optax.clip_by_global_norm(CLIP),
                    optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8,
@@ -223,7 +231,9 @@ def torch_worker(spec: dict, seed: int, threads: int | None = None):
   return run, info
 
 
-WORKERS = {"ours": ours_worker, "flax": flax_worker, "torch": torch_worker,
+WORKERS = {"ours": ours_worker, "flax": flax_worker,
+           "flax-mea": lambda spec, seed: flax_worker(spec, seed, True),
+           "torch": torch_worker,
            "torch-1t": lambda spec, seed: torch_worker(spec, seed, threads=1)}
 
 
@@ -270,7 +280,7 @@ class Worker:
                warmup: int):
     self.name = name
     env = dict(os.environ)
-    if name == "flax":
+    if name.startswith("flax"):
       # The venv has no personalize_jax; keep the repo off its path.
       env.pop("PYTHONPATH", None)
     self.proc = subprocess.Popen(
@@ -327,11 +337,13 @@ def main(argv=None) -> list[dict]:
   shape = common.SHAPES[args.shape]
   spec = {"shape": shape.name, "unet": shape.unet,
           "latent": shape.resolution // 8}
-  if "flax" in names and shape.unet.get("norm_num_groups", 32) != 32:
+  if (any(n.startswith("flax") for n in names)
+      and shape.unet.get("norm_num_groups", 32) != 32):
     raise SystemExit(f"the Flax peer cannot run --shape={shape.name}")
   pythons = {n: sys.executable for n in names}
-  if "flax" in names:
-    pythons["flax"] = str(ensure_venv(Path(args.venv)))
+  for name in names:
+    if name.startswith("flax"):
+      pythons[name] = str(ensure_venv(Path(args.venv)))
   workers = {}
   try:
     for name in names:  # built one after the other: setup is not timed
@@ -378,6 +390,8 @@ def main(argv=None) -> list[dict]:
   medians = {r["framework"]: r["median_step_s"] for r in rows}
   verdict = {"benchmark": "peers_summary", "shape": shape.name,
              "rounds": args.rounds, "steps_per_round": args.steps}
+  if "flax-mea" in medians:
+    verdict["flax_mea_over_ours"] = medians["flax-mea"] / medians["ours"]
   if "flax" in medians:
     verdict["flax_over_ours"] = medians["flax"] / medians["ours"]
     verdict["goal_ours_1_5x_faster_than_flax"] = (

@@ -16,7 +16,7 @@ METHODS = ("dreambooth", "custom_diffusion", "rpo", "lookforward")
 MIXED_PRECISION = ("bf16", "fp32")
 NAN_POLICIES = ("stop", "skip")
 SCHEDULES = ("constant", "cosine")
-ATTENTION = ("xla", "cudnn", "pallas", "auto")
+ATTENTION = ("xla", "cudnn", "pallas", "chunked", "auto")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = "CompVis/stable-diffusion-v1-4"  # Hub id, folder or "tiny".
-  c.model.attention_impl = "auto"  # attention kernel: xla, cudnn, pallas, auto.
+  c.model.attention_impl = "auto"  # attention kernel: xla, cudnn, pallas, chunked, auto.
   c.model.remat = False  # rematerialise U-Net blocks to save activation memory.
 
   c.data = ml_collections.ConfigDict()

@@ -8,7 +8,14 @@ Implementations, chosen per model by ``attention_impl``:
   ``cudnn``   ``jax.nn.dot_product_attention(implementation="cudnn")``: the fused
               flash-attention kernel on NVIDIA GPUs (bf16/fp16 inputs).
   ``pallas``  the Pallas TPU flash-attention kernel (TPU only).
-  ``auto``    ``pallas`` on TPU, ``cudnn`` on GPU when the dtype allows, else ``xla``.
+  ``chunked`` the ``xla`` computation one block of queries at a time
+              (``lax.map``), each block's logits recomputed in the backward
+              pass: the (queries x keys) matrix never exists whole, so it stays
+              in cache. Same numbers as ``xla`` (up to summation order); on
+              this project's 2-core CPU a 1024-token attention's forward and
+              backward take a third of the time (see benchmarks/RESULTS.md).
+  ``auto``    ``pallas`` on TPU, ``cudnn`` on GPU when the dtype allows,
+              ``chunked`` on CPU for long non-causal sequences, else ``xla``.
 """
 
 import functools
@@ -17,7 +24,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "chunked", "auto")
+# A query block's logits hold at most this many elements (8 MiB in float32):
+# small enough to stay in a CPU's cache between the softmax passes.
+CHUNK_ELEMENTS = 2**21
+MIN_CHUNK = 16  # smaller blocks cost more in loop overhead than they save.
 
 
 def _xla_attention(q, k, v, *, causal, scale, upcast):
@@ -31,6 +42,37 @@ def _xla_attention(q, k, v, *, causal, scale, upcast):
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out.astype(q.dtype)
+
+
+def query_chunk(batch: int, q_len: int, heads: int, k_len: int) -> int | None:
+  """The query block of ``chunked`` attention, or None when it would not help.
+
+  The largest power of two dividing ``q_len`` whose logits
+  (``batch x heads x block x k_len``) fit ``CHUNK_ELEMENTS``; None when that
+  is below ``MIN_CHUNK`` or the whole sequence already fits.
+  """
+  per_query = batch * heads * k_len
+  chunk = 1
+  while (q_len % (2 * chunk) == 0
+         and 2 * chunk * per_query <= CHUNK_ELEMENTS):
+    chunk *= 2
+  if chunk < MIN_CHUNK or chunk >= q_len:
+    return None
+  return chunk
+
+
+def _chunked_attention(q, k, v, *, scale, upcast, chunk):
+  b, q_len, h, d = q.shape
+  blocks = q.reshape(b, q_len // chunk, chunk, h, d).swapaxes(0, 1)
+
+  # Recomputed in the backward pass: only the block's inputs are kept.
+  @jax.checkpoint
+  def one_block(q_block):
+    return _xla_attention(q_block, k, v, causal=False, scale=scale,
+                          upcast=upcast)
+
+  out = jax.lax.map(one_block, blocks)
+  return out.swapaxes(0, 1).reshape(b, q_len, h, v.shape[-1])
 
 
 def _pallas_attention(q, k, v, *, causal, scale):
@@ -53,6 +95,8 @@ def resolve_impl(impl: str, dtype) -> str:
     return "pallas"
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
+  if backend == "cpu":
+    return "chunked"  # dot_product_attention falls back to xla where it cannot help
   return "xla"
 
 
@@ -76,6 +120,14 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array,
   """
   scale = 1.0 / math.sqrt(q_bthd.shape[-1]) if scale is None else scale
   impl = resolve_impl(impl, q_bthd.dtype)
+  if impl == "chunked":
+    b, q_len, h, _ = q_bthd.shape
+    chunk = None if causal else query_chunk(b, q_len, h, k_bshd.shape[1])
+    if chunk is None:
+      impl = "xla"
+    else:
+      return _chunked_attention(q_bthd, k_bshd, v_bshd, scale=scale,
+                                upcast=upcast, chunk=chunk)
   if impl == "xla":
     return _xla_attention(q_bthd, k_bshd, v_bshd, causal=causal, scale=scale,
                           upcast=upcast)
