@@ -19,9 +19,10 @@ programs (the 50-step DDIM scan with guidance and the VAE decode at 512 px)
 are compiled the same way.
 
 Caveats: the CPU compiler's buffer assignment, fusion and bf16 handling
-differ from TPU's and GPU's, and attention runs as plain XLA here (the
-``auto`` choice is Pallas flash attention on TPU and cuDNN on GPU, which hold
-no (queries x keys) matrix), so these are estimates, not guarantees.
+differ from TPU's and GPU's, and attention compiles here as ``auto`` does on
+a CPU (``chunked``: one block of queries' logits at a time) where a TPU runs
+Pallas flash attention and a GPU cuDNN's (no logit matrix at all), so these
+are estimates, not guarantees.
 
   python benchmarks/memory.py                      # both scenarios
   python benchmarks/memory.py --scenarios=gpu-80g --method=dreambooth
@@ -74,7 +75,7 @@ def run_scenario(name: str, args) -> list[dict]:
   import common
   from personalize_jax import diffusion
   from personalize_jax.engine import sharding
-  from personalize_jax.models import checkpoint
+  from personalize_jax.models import attention, checkpoint
   # pylint: enable=g-import-not-at-top
   scenario = SCENARIOS[name]
   shape = common.SHAPES[scenario.shape]
@@ -150,7 +151,9 @@ def run_scenario(name: str, args) -> list[dict]:
       "benchmark": "memory", "scenario": name, "what": scenario.what,
       "method": args.method, "shape": shape.name,
       "resolution": shape.resolution, "precision": config.mixed_precision,
-      "remat": config.model.remat, "attention": "xla (CPU compile)",
+      "remat": config.model.remat, "attention": "%s (CPU compile)" % attention.resolve_impl(
+          config.model.attention_impl, jnp.bfloat16
+          if config.mixed_precision == "bf16" else jnp.float32),
       "devices": scenario.devices, "mesh": dict(mesh.shape),
       "batch_size": scenario.batch_size, "unet_params": built.unet_params,
       "sharded_fraction_of_params": sharding.sharded_fraction(

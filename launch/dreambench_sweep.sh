@@ -12,7 +12,8 @@ Usage: $PROG --config=configs/RECIPE.py[:variant] --dataset-dir=DIR --out=DIR [o
 
 For each subject: python -m personalize_jax.main --config=RECIPE
 --workdir=OUT/SUBJECT --config.data.instance_dir=DATASET/SUBJECT
---config.data.class_name=CLASS (the class noun from DATASET/$CLASSES_FILE),
+--config.data.class_name=CLASS (the class noun from DATASET/$CLASSES_FILE)
+--config.final_eval.enabled=false (the sweep's evaluation replaces it),
 then links OUT/models/SUBJECT -> ../SUBJECT/export (each run's fine-tuned
 pipeline) and runs python -m personalize_jax.evaluate with
 --config.model=OUT/models, which samples each subject from its own pipeline.
@@ -155,7 +156,8 @@ if (( ! SKIP_TRAIN )); then
   for s in "${CHOSEN[@]}"; do
     run "$PYTHON" -m personalize_jax.main --config="$CONFIG" --workdir="$OUT/$s" \
       --config.data.instance_dir="$DATASET/$s" \
-      --config.data.class_name="${CLASS_OF[$s]}" ${EXTRA[@]+"${EXTRA[@]}"}
+      --config.data.class_name="${CLASS_OF[$s]}" \
+      --config.final_eval.enabled=false ${EXTRA[@]+"${EXTRA[@]}"}
   done
 fi
 

@@ -327,7 +327,8 @@ def test_sweep_dry_run_synthetic(tmp_path):
   assert train == [
       f"python -m personalize_jax.main --config={CONFIG}:tiny "
       f"--workdir={out}/{s} --config.data.instance_dir={dataset}/{s} "
-      f"--config.data.class_name={c} --config.num_steps=2"
+      f"--config.data.class_name={c} --config.final_eval.enabled=false "
+      "--config.num_steps=2"
       for s, c in (("backpack", "backpack"),
                    ("bear_plushie", "'stuffed animal'"), ("dog", "dog"))]
   assert f"ln -sfn ../dog/export {out}/models/dog" in lines
@@ -364,7 +365,8 @@ def test_sweep_selected_subjects_and_errors(tmp_path):
   lines = dry("dreambench_sweep.sh", *common, "--subjects=dog", "--skip-eval")
   assert lines == [
       f"python -m personalize_jax.main --config={CONFIG} --workdir=o/dog "
-      f"--config.data.instance_dir={dataset}/dog --config.data.class_name=dog"]
+      f"--config.data.instance_dir={dataset}/dog --config.data.class_name=dog "
+      "--config.final_eval.enabled=false"]
   for args, message in [(("--subjects=cat",), "unknown subject 'cat'"),
                         (("--dataset-dir=/nope",), "not a folder")]:
     result = run("dreambench_sweep.sh", *common, *args, "--dry-run")

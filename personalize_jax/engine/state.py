@@ -53,7 +53,8 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
   nothing of model size is ever built on the host or replicated.
   """
   params = place_params(params, mesh)
-  opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params, mesh)
+  opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params,
+                                      mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   replicated = sharding.replicated(mesh)
   return TrainState(

@@ -219,11 +219,6 @@ class CLIPEncoderLayer(nnx.Module):
     return x + self.mlp(self.layer_norm2(x))
 
 
-@nnx.remat
-def _remat_layer(layer, x):
-  return layer(x)
-
-
 class CLIPEncoder(nnx.Module):
 
   def __init__(self, config, *, causal, remat, **kw):
@@ -233,7 +228,7 @@ class CLIPEncoder(nnx.Module):
 
   def __call__(self, x):
     for layer in self.layers:
-      x = _remat_layer(layer, x) if self.remat else layer(x)
+      x = layers.remat_call(layer, x) if self.remat else layer(x)
     return x
 
 

@@ -17,6 +17,7 @@ engine places them, which keeps model construction independent of any mesh.
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -91,3 +92,19 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
           param_dtype: Dtype = jnp.float32) -> nnx.Param:
   """A raw parameter (a PyTorch ``nn.Parameter``): stored under its own name."""
   return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), **_meta(axes))
+
+
+def remat_call(module: nnx.Module, *args):
+  """``module(*args)``, its activations recomputed in the backward pass.
+
+  A pure ``jax.checkpoint`` over the module's split state, not
+  ``nnx.remat``: that one writes the state back into the module afterwards,
+  which fails when the module was merged outside the trace it is called in
+  (a frozen model called inside ``jax.grad``, as RPO's base U-Net is).
+  """
+  graphdef, state = nnx.split(module)
+
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return jax.checkpoint(run)(state, *args)

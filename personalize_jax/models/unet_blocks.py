@@ -32,7 +32,7 @@ def call_maybe_remat(module: nnx.Module, remat: bool, *args):
   """Calls ``module(*args)``, recomputed in the backward pass if ``remat``."""
   if not remat:
     return module(*args)
-  return nnx.remat(lambda m, *a: m(*a))(module, *args)
+  return layers.remat_call(module, *args)
 
 
 def upsample_nearest(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:

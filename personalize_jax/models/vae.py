@@ -248,7 +248,7 @@ class UpDecoderBlock2D(nnx.Module):
 
 def _run(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
   if remat:
-    return nnx.remat(lambda b, h: b(h))(block, x)
+    return layers.remat_call(block, x)
   return block(x)
 
 

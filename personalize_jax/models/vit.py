@@ -257,9 +257,7 @@ class ViTLayer(nnx.Module):
 
 def run_layers(blocks, x_btd: jax.Array, remat: bool) -> jax.Array:
   """Applies the blocks in order, rematerialising each one if ``remat``."""
-  apply = lambda block, h: block(h)
-  if remat:
-    apply = nnx.remat(apply)
+  apply = layers.remat_call if remat else (lambda block, h: block(h))
   for block in blocks:
     x_btd = apply(block, x_btd)
   return x_btd

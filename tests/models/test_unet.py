@@ -260,3 +260,25 @@ def test_unsupported_config_is_a_user_error():
   config = UNet2DConditionConfig.from_dict(
       dict(SD1_TINY, only_cross_attention=[False, False], _version="x"))
   assert config.to_dict()["attention_head_dim"] == 4
+
+
+def test_remat_works_on_a_frozen_model_called_inside_grad():
+  """RPO's frozen base U-Net is merged in the step and called inside grad."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32)
+  t = jnp.asarray([10, 500])
+  grads = {}
+  for remat in (False, True):
+    graphdef, state = nnx.split(
+        UNet2DConditionModel.from_pretrained("tiny", remat=remat, seed=0))
+
+    @jax.jit
+    def input_grad(state, x):
+      frozen = nnx.merge(graphdef, state)  # outside the grad trace
+      return jax.grad(lambda x: jnp.sum(frozen(x, t, context) ** 2))(x)
+
+    grads[remat] = np.asarray(input_grad(state, x))
+  assert np.abs(grads[False]).max() > 0
+  np.testing.assert_allclose(grads[True], grads[False], rtol=1e-4,
+                             atol=1e-6 * np.abs(grads[False]).max())
