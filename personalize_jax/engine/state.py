@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from personalize_jax.engine import optim, sharding
+from personalize_jax.models import layers
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -134,8 +135,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(step_loss_fn, has_aux=True)(
-        state.params, frozen, batch, rng, state.step)
+    with layers.batch_sharded_activations(mesh, sharding.BATCH_AXES):
+      (loss, metrics), grads = jax.value_and_grad(step_loss_fn, has_aux=True)(
+          state.params, frozen, batch, rng, state.step)
     trained = jax.tree.map(
         lambda g, label: jnp.zeros_like(g) if label == optim.FREEZE else g,
         grads, labels)

@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from personalize_jax.models import layers
+
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "chunked", "auto")
 # A query block's logits hold at most this many elements (8 MiB in float32):
 # small enough to stay in a CPU's cache between the softmax passes.
@@ -122,7 +124,9 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array,
   impl = resolve_impl(impl, q_bthd.dtype)
   if impl == "chunked":
     b, q_len, h, _ = q_bthd.shape
-    chunk = None if causal else query_chunk(b, q_len, h, k_bshd.shape[1])
+    # Sized for the rows one device computes when the batch is split.
+    chunk = None if causal else query_chunk(layers.local_batch(b), q_len, h,
+                                            k_bshd.shape[1])
     if chunk is None:
       impl = "xla"
     else:

@@ -15,6 +15,8 @@ Eager sharding is off per variable: parameters are created unsharded and the
 engine places them, which keeps model construction independent of any mesh.
 """
 
+import contextlib
+import contextvars
 from typing import Any, Sequence
 
 import jax
@@ -108,3 +110,51 @@ def remat_call(module: nnx.Module, *args):
     return nnx.merge(graphdef, state)(*args)
 
   return jax.checkpoint(run)(state, *args)
+
+
+# (mesh, mesh axes) that activations' leading (batch) axis is split over while
+# a sharded step is traced; None elsewhere (models never import the engine).
+_BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(mesh, axes: Sequence[str]):
+  """While tracing under this, ``constrain_batch`` splits activations' batch.
+
+  Without such constraints XLA's partitioner may follow the FSDP-sharded
+  weights instead: split attention by heads and keep the whole global batch's
+  activations on every device (4x the memory on 4 chips).
+  """
+  token = _BATCH_SHARDING.set((mesh, tuple(axes)))
+  try:
+    yield
+  finally:
+    _BATCH_SHARDING.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """``x`` with its leading axis split over the batch axes, when inside
+  ``batch_sharded_activations`` and the batch divides; otherwise ``x``."""
+  spec = _BATCH_SHARDING.get()
+  if spec is None:
+    return x
+  mesh, axes = spec
+  size = 1
+  for axis in axes:
+    size *= mesh.shape[axis]
+  if size == 1 or x.shape[0] % size:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(axes)))
+
+
+def local_batch(batch: int) -> int:
+  """Rows of a batch of ``batch`` that one device holds under the constraint."""
+  spec = _BATCH_SHARDING.get()
+  if spec is None:
+    return batch
+  mesh, axes = spec
+  size = 1
+  for axis in axes:
+    size *= mesh.shape[axis]
+  return batch // size if batch % size == 0 else batch

@@ -300,21 +300,23 @@ class UNet2DConditionModel(nnx.Module):
         flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift)
     temb = self.time_embedding(t_emb.astype(self.dtype))
 
-    x = self.conv_in(x)
+    # Activations stay split by batch under a sharded step (no-ops otherwise).
+    x = layers.constrain_batch(self.conv_in(x))
     skips = [x]
     for block in self.down_blocks:
       x, block_skips = block(x, temb, context)
+      x = layers.constrain_batch(x)
       skips.extend(block_skips)
 
     if self.mid_block is not None:
-      x = self.mid_block(x, temb, context)
+      x = layers.constrain_batch(self.mid_block(x, temb, context))
 
     for block in self.up_blocks:
       num = len(block.resnets)
       block_skips, skips = skips[-num:], skips[:-num]
       # Upsample to the next skip's size: 2x, or the odd size it came from.
       size = tuple(skips[-1].shape[1:3]) if skips else None
-      x = block(x, block_skips, temb, context, size)
+      x = layers.constrain_batch(block(x, block_skips, temb, context, size))
 
     x = nnx.silu(self.conv_norm_out(x))
     return self.conv_out(x)

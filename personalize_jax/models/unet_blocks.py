@@ -136,7 +136,10 @@ class Attention(nnx.Module):
                context_bsd: jax.Array | None = None) -> jax.Array:
     context_bsd = x_btd if context_bsd is None else context_bsd
     b, t, _ = x_btd.shape
-    split = lambda y: y.reshape(y.shape[0], y.shape[1], self.heads, -1)
+    # Batch-parallel attention (not split by heads as the sharded weights
+    # would suggest): see layers.batch_sharded_activations.
+    split = lambda y: layers.constrain_batch(
+        y.reshape(y.shape[0], y.shape[1], self.heads, -1))
     out = dot_product_attention(
         split(self.to_q(x_btd)), split(self.to_k(context_bsd)),
         split(self.to_v(context_bsd)), impl=self.attention_impl,

@@ -99,3 +99,14 @@ def test_batches_split_over_every_device_and_the_rest_is_replicated():
   assert sharding.batch_sharding(mesh).spec == P((sharding.DATA,
                                                   sharding.FSDP))
   assert sharding.replicated(mesh).spec == P()
+
+
+def test_activation_batch_rows_per_device_under_the_step_context():
+  from personalize_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((6, 3))
+  assert layers.local_batch(8) == 8 and layers.constrain_batch(x) is x
+  with layers.batch_sharded_activations(FSDP4, sharding.BATCH_AXES):
+    assert layers.local_batch(16) == 2  # 16 rows over 2 x 4 devices
+    assert layers.local_batch(12) == 12  # does not divide: not split
+    assert layers.constrain_batch(x) is x  # 6 rows cannot split over 8
+  assert layers.local_batch(16) == 16  # the context is gone afterwards
