@@ -132,29 +132,32 @@ def batch_sharded_activations(mesh, axes: Sequence[str]):
     _BATCH_SHARDING.reset(token)
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """``x`` with its leading axis split over the batch axes, when inside
-  ``batch_sharded_activations`` and the batch divides; otherwise ``x``."""
+def _batch_split():
+  """``(mesh, axes, devices along them)`` inside the context, else None."""
   spec = _BATCH_SHARDING.get()
   if spec is None:
-    return x
+    return None
   mesh, axes = spec
   size = 1
   for axis in axes:
     size *= mesh.shape[axis]
-  if size == 1 or x.shape[0] % size:
+  return mesh, axes, size
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """``x`` with its leading axis split over the batch axes, when inside
+  ``batch_sharded_activations`` and the batch divides; otherwise ``x``."""
+  split = _batch_split()
+  if split is None or split[2] == 1 or x.shape[0] % split[2]:
     return x
+  mesh, axes, _ = split
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(axes)))
 
 
 def local_batch(batch: int) -> int:
   """Rows of a batch of ``batch`` that one device holds under the constraint."""
-  spec = _BATCH_SHARDING.get()
-  if spec is None:
+  split = _batch_split()
+  if split is None or batch % split[2]:
     return batch
-  mesh, axes = spec
-  size = 1
-  for axis in axes:
-    size *= mesh.shape[axis]
-  return batch // size if batch % size == 0 else batch
+  return batch // split[2]
