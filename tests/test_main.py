@@ -19,6 +19,8 @@ CASES = {
     "unknown_method": ([TINY, "--config.method=nope"], 1, "config.method"),
     "negative_lr": ([TINY, "--config.learning_rate=-1"], 1,
                     "config.learning_rate"),
+    "zero_lr": ([TINY, "--config.learning_rate=0"], 1, "config.learning_rate"),
+    "zero_steps": ([TINY, "--config.num_steps=0"], 1, "config.num_steps"),
     "batch_not_divisible": ([TINY, "--config.batch_size=3"], 2,
                             "config.batch_size"),
     "missing_instance_dir": ([TINY, "--config.data.instance_dir={missing}"], 1,
@@ -68,11 +70,20 @@ def results(tmp_path_factory):
   before = _snapshot(existing)
   processes["existing"] = (_start(CASES["negative_lr"][0], 1, existing),
                            existing)
+  # A workdir holding another run (another config): refused before anything
+  # is written, unless --config.overwrite=true.
+  other = tmp / "other_run"
+  (other / "checkpoints").mkdir(parents=True)
+  (other / "config.json").write_text('{"method": "rpo", "num_steps": 7}\n')
+  (other / ".lock").write_text("")
+  other_before = _snapshot(other)
+  processes["other_run"] = (_start([TINY], 1, other), other)
   out = {}
   for name, (process, workdir) in processes.items():
     stdout, stderr = process.communicate(timeout=600)
     out[name] = (process.returncode, stdout, stderr, workdir)
   out["existing_before"] = before
+  out["other_run_before"] = other_before
   return out
 
 
@@ -93,3 +104,13 @@ def test_mistake_leaves_an_existing_workdir_unchanged(results):
   assert returncode == 2
   assert "config.learning_rate" in stderr
   assert _snapshot(workdir) == results["existing_before"]
+
+
+def test_a_workdir_of_another_config_is_refused_and_left_unchanged(results):
+  returncode, stdout, stderr, workdir = results["other_run"]
+  lines = stderr.strip().splitlines()
+  assert returncode == 2 and not stdout
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert "from a different run" in lines[0]
+  assert lines[0].endswith("pass --config.overwrite=true")
+  assert _snapshot(workdir) == results["other_run_before"]

@@ -160,6 +160,38 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
   return diffs
 
 
+def check_config(workdir: str | os.PathLike, config: Any, *,
+                 overwrite: bool = False, ignore: Iterable[str] = ()):
+  """Raises if ``<workdir>/config.json`` is another run's; writes nothing.
+
+  Returns the recorded config (a nested dict), or None when there is none
+  (or ``overwrite`` is set). Run before taking the workdir's lock, so that a
+  refused run does not touch the workdir at all.
+
+  Raises:
+    UserError: as ``check_or_write_config``.
+  """
+  workdir = Path(workdir)
+  path = workdir / CONFIG_FILE
+  if not path.exists() or overwrite:
+    return None
+  try:
+    old = json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(
+        f"{CONFIG_FILE} in {workdir} is not valid JSON ({e}); use a new "
+        "--workdir or pass --config.overwrite=true") from None
+  diffs = config_differences(old, _normalize(config), ignore)
+  if diffs:
+    shown = ", ".join(diffs[:_MAX_SHOWN_DIFFERENCES])
+    if len(diffs) > _MAX_SHOWN_DIFFERENCES:
+      shown += f", and {len(diffs) - _MAX_SHOWN_DIFFERENCES} more"
+    raise UserError(
+        f"{CONFIG_FILE} in {workdir} is from a different run ({shown}); use "
+        "a new --workdir or pass --config.overwrite=true")
+  return old
+
+
 def check_or_write_config(workdir: str | os.PathLike, config: Any, *,
                           overwrite: bool = False,
                           ignore: Iterable[str] = ()) -> Path:
@@ -188,22 +220,7 @@ def check_or_write_config(workdir: str | os.PathLike, config: Any, *,
   path = workdir / CONFIG_FILE
   new = _normalize(config)
   text = json.dumps(new, indent=2, sort_keys=True) + "\n"
-  if path.exists() and not overwrite:
-    try:
-      old = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-      raise UserError(
-          f"{CONFIG_FILE} in {workdir} is not valid JSON ({e}); use a new "
-          "--workdir or pass --config.overwrite=true") from None
-    diffs = config_differences(old, new, ignore)
-    if diffs:
-      shown = ", ".join(diffs[:_MAX_SHOWN_DIFFERENCES])
-      if len(diffs) > _MAX_SHOWN_DIFFERENCES:
-        shown += f", and {len(diffs) - _MAX_SHOWN_DIFFERENCES} more"
-      raise UserError(
-          f"{CONFIG_FILE} in {workdir} is from a different run ({shown}); use "
-          "a new --workdir or pass --config.overwrite=true")
-    if old == new:
-      return path
+  if check_config(workdir, config, overwrite=overwrite, ignore=ignore) == new:
+    return path
   workdir.mkdir(parents=True, exist_ok=True)
   return atomic_write_text(path, text)

@@ -79,6 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # (lock, config.json, metrics, grids, export). Orbax coordinates the
     # checkpoint writes of all processes itself.
     return _finish(config, workdir, _run(config, workdir))
+  # Refused before the lock is taken: a refusal leaves the workdir untouched.
+  rundir.check_config(workdir, config, overwrite=config.overwrite,
+                      ignore=RESUMABLE_CHANGES)
   with rundir.WorkdirLock(workdir):
     rundir.check_or_write_config(workdir, config, overwrite=config.overwrite,
                                  ignore=RESUMABLE_CHANGES)
