@@ -20,7 +20,6 @@ and compiled without materialising anything of model size.
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from personalize_jax import diffusion
+from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import optim, sharding, state as state_lib
 from personalize_jax.engine import train
 from personalize_jax.methods import base
@@ -135,11 +135,8 @@ def method_available(method: str) -> str | None:
 def recipe_config(method: str, shape: Shape, *, batch_size: int,
                   precision: str) -> ml_collections.ConfigDict:
   """The method's recipe (tiny data settings) at a shape, batch and precision."""
-  path = REPO / "configs" / RECIPES[method]
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_lib.load_recipe(
+      REPO / "configs" / RECIPES[method]).get_config("tiny")
   config.data.resolution = shape.resolution
   config.batch_size = batch_size
   config.mixed_precision = precision

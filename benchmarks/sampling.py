@@ -26,7 +26,6 @@ import argparse
 import collections
 import contextlib
 import functools
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -37,7 +36,8 @@ from flax import nnx
 
 import common
 from personalize_jax import diffusion
-from personalize_jax.engine import checkpoints, state as state_lib, train
+from personalize_jax.engine import checkpoints, config as config_lib
+from personalize_jax.engine import state as state_lib, train
 from personalize_jax.models.pipeline import StableDiffusion
 
 
@@ -141,11 +141,8 @@ def patched(obj, attr: str, value):
 
 def rpo_split(args) -> dict:
   """Times a whole tiny RPO run by phase (the engine's functions wrapped)."""
-  path = common.REPO / "configs" / "rpo_tpu.py"
-  spec = importlib.util.spec_from_file_location("rpo_tpu", path)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  config = recipe.get_config("tiny")
+  config = config_lib.load_recipe(
+      common.REPO / "configs" / "rpo_tpu.py").get_config("tiny")
   if args.rpo_steps:
     config.num_steps = args.rpo_steps
     config.eval_every_steps = min(config.eval_every_steps, args.rpo_steps)
@@ -241,10 +238,7 @@ def main(argv=None) -> dict:
     out["sampling"] = bench_sampling(args)
   if args.rpo_split:
     out["rpo_split"] = rpo_split(args)
-    path = common.REPO / "configs" / "rpo_tpu.py"
-    spec = importlib.util.spec_from_file_location("rpo_tpu_full", path)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = config_lib.load_recipe(common.REPO / "configs" / "rpo_tpu.py")
     out["rpo_unet_work"] = rpo_unet_work(recipe.get_config())
     common.emit(out["rpo_unet_work"])
   if out["sampling"]:

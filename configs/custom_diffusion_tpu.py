@@ -16,21 +16,8 @@ prior-preservation options live in ``config.dreambooth``.
       --workdir=/tmp/custom_diffusion-tiny
 """
 
-import importlib.util
-from pathlib import Path
-
 from personalize_jax.engine import config as config_lib
 from personalize_jax.methods import custom_diffusion
-
-
-def _dreambooth_recipe():
-  # configs/ is a folder of files, not a package: load the sibling by path so
-  # the recipe works from any working directory.
-  path = Path(__file__).resolve().with_name("dreambooth_tpu.py")
-  spec = importlib.util.spec_from_file_location("dreambooth_tpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None):
@@ -54,8 +41,4 @@ def get_config(arg: str | None = None):
   c.custom_diffusion.initializer_token = "ktn"
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 250
-  if arg == "tiny":
-    _dreambooth_recipe().tiny(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
-  return c
+  return config_lib.with_variant(c, arg)

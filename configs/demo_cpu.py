@@ -12,19 +12,17 @@ export against the base model (DINO, CLIP-I, CLIP-T, lambda-Harmonic). A couple 
 The same run on Stable Diffusion: ``configs/rpo_tpu.py`` (see the summary).
 """
 
-import importlib.util
 from pathlib import Path
+
+from personalize_jax.engine import config as config_lib
 
 
 def get_config(arg: str | None = None):
   """RPO's tiny variant with early stopping; no variants of its own."""
   if arg:
     raise ValueError(f"demo_cpu has no variant {arg!r}")
-  path = Path(__file__).resolve().with_name("rpo_tpu.py")
-  spec = importlib.util.spec_from_file_location("rpo_tpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = config_lib.load_recipe(
+      Path(__file__).with_name("rpo_tpu.py")).get_config("tiny")
   c.num_steps = 30
   c.eval_every_steps = 5
   c.early_stopping_patience = 3  # validations without a better val/harmonic

@@ -14,23 +14,15 @@ batch 1, 8 class images, text encoder trained).
       --workdir=/tmp/dino-reward-tiny
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _lookforward_recipe():
-  # configs/ is a folder of files, not a package: load the sibling by path.
-  path = Path(__file__).resolve().with_name("lookforward_dreambooth_tpu.py")
-  spec = importlib.util.spec_from_file_location("lookforward_dreambooth_tpu",
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from personalize_jax.engine import config as config_lib
 
 
 def get_config(arg: str | None = None):
   """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
-  c = _lookforward_recipe().get_config(arg)
+  c = config_lib.load_recipe(
+      Path(__file__).with_name("lookforward_dreambooth_tpu.py")).get_config(arg)
   c.lookforward.reward = "dino"
   c.lookforward.critic = False
   return c

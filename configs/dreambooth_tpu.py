@@ -31,37 +31,4 @@ def get_config(arg: str | None = None):
   c.data.resolution = 512
   c.checkpoint_every_steps = 200
   c.eval_every_steps = 200
-  if arg == "tiny":
-    tiny(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
-  return c
-
-
-def tiny(c):
-  """Tiny random models, the drawn demo subject, ~a minute on 2 CPU cores."""
-  c.model.pretrained = "tiny"
-  c.model.attention_impl = "xla"
-  c.mixed_precision = "fp32"
-  c.data.class_name = "mug"
-  c.data.resolution = 64
-  c.learning_rate = 1e-4
-  c.num_steps = 20
-  c.log_every_steps = 5
-  c.checkpoint_every_steps = 10
-  c.eval_every_steps = 10
-  c.eval.prompts = c.eval.prompts[:2]
-  c.eval.num_inference_steps = 4
-  # Off: the tiny recipes run in many tests (configs/demo_cpu.py turns it on).
-  c.final_eval.enabled = False
-  c.final_eval.prompts = c.final_eval.prompts[:2]
-  c.final_eval.num_images_per_prompt = 2
-  c.final_eval.num_inference_steps = 4
-  c.final_eval.batch_size = 4
-  c.final_eval.dino_model = "tiny"
-  c.final_eval.clip_model = "tiny"
-  c.final_eval.grid_thumbnail = 64
-  if "dreambooth" in c:
-    c.dreambooth.num_class_images = 4
-    c.dreambooth.class_inference_steps = 4
-  return c
+  return config_lib.with_variant(c, arg)

@@ -16,24 +16,16 @@ variant; these are the two recipes combined.
       --workdir=/tmp/lookforward-cd-tiny
 """
 
-import importlib.util
 from pathlib import Path
 
+from personalize_jax.engine import config as config_lib
 from personalize_jax.methods import lookforward
-
-
-def _recipe(name: str):
-  # configs/ is a folder of files, not a package: load siblings by path.
-  path = Path(__file__).resolve().with_name(f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None):
   """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
-  c = lookforward.add_config(_recipe("custom_diffusion_tpu").get_config(arg))
+  c = lookforward.add_config(config_lib.load_recipe(
+      Path(__file__).with_name("custom_diffusion_tpu.py")).get_config(arg))
   c.method = "lookforward"
   c.lookforward.base = "custom_diffusion"
   c.lookforward.reward = "latent"

@@ -19,21 +19,8 @@ Variants through flags: ``--config.lookforward.reward=dino`` (or ``both``),
 target network).
 """
 
-import importlib.util
-from pathlib import Path
-
 from personalize_jax.engine import config as config_lib
 from personalize_jax.methods import dreambooth, lookforward
-
-
-def _dreambooth_recipe():
-  # configs/ is a folder of files, not a package: load the sibling by path so
-  # the recipe works from any working directory.
-  path = Path(__file__).resolve().with_name("dreambooth_tpu.py")
-  spec = importlib.util.spec_from_file_location("dreambooth_tpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None):
@@ -58,15 +45,11 @@ def get_config(arg: str | None = None):
   c.lookforward.critic_target = "one_step"
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 250
-  if arg == "tiny":
-    tiny(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
-  return c
+  return config_lib.with_variant(c, arg, tiny)
 
 
 def tiny(c):
-  """DreamBooth's tiny variant plus the tiny DINO ViT."""
-  _dreambooth_recipe().tiny(c)
+  """The shared tiny variant plus the tiny DINO ViT."""
+  config_lib.tiny_variant(c)
   c.lookforward.dino_model = "tiny"
   return c

@@ -31,21 +31,8 @@ Choices of this recipe:
       --workdir=/tmp/rpo-tiny
 """
 
-import importlib.util
-from pathlib import Path
-
 from personalize_jax.engine import config as config_lib
 from personalize_jax.methods import rpo
-
-
-def _dreambooth_recipe():
-  # configs/ is a folder of files, not a package: load the sibling by path so
-  # the recipe works from any working directory.
-  path = Path(__file__).resolve().with_name("dreambooth_tpu.py")
-  spec = importlib.util.spec_from_file_location("dreambooth_tpu", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str | None = None):
@@ -69,16 +56,12 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 40
   c.checkpoint_every_steps = 100
   c.early_stopping_patience = 0
-  if arg == "tiny":
-    tiny(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
-  return c
+  return config_lib.with_variant(c, arg, tiny)
 
 
 def tiny(c):
-  """DreamBooth's tiny setup; 2 prompts x 2 images, 20 steps, ~a minute."""
-  _dreambooth_recipe().tiny(c)
+  """The shared tiny variant; 2 prompts x 2 images, 20 steps, ~a minute."""
+  config_lib.tiny_variant(c)
   c.batch_size = 2
   c.eval_every_steps = 5
   c.rpo.reward_model = "tiny"

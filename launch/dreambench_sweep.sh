@@ -43,30 +43,8 @@ Example:
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-
-# Shell-quotes each argument only where needed, so printed commands paste back
-# (--flag='a value' keeps the flag name outside the quotes).
-quote() {
-  local out="" a prefix q="'" escaped="'\\''"
-  for a in "$@"; do
-    prefix=""
-    if [[ $a =~ ^--[A-Za-z0-9_.-]+= ]]; then
-      prefix=${BASH_REMATCH[0]}; a=${a#"$prefix"}
-    fi
-    if [[ -z $a || $a == *[!A-Za-z0-9_./:=,@%+-]* ]]; then
-      a=${a//"$q"/"$escaped"}; a="'$a'"
-    fi
-    out+=" $prefix$a"
-  done
-  printf '%s\n' "${out# }"
-}
-
-run() {
-  if (( DRY_RUN )); then quote "$@"; return 0; fi
-  printf '+ %s\n' "$(quote "$@")" >&2
-  "$@"
-}
+# shellcheck source=_common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CONFIG="" DATASET="" OUT="" SUBJECTS=all EVAL_CONFIG=configs/eval_dreambench.py
 SKIP_TRAIN=0 SKIP_EVAL=0 PYTHON=python DRY_RUN=0 EVAL_ARGS=() EXTRA=()

@@ -52,30 +52,8 @@ Examples:
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-
-# Shell-quotes each argument only where needed, so printed commands paste back
-# (--flag='a value' keeps the flag name outside the quotes).
-quote() {
-  local out="" a prefix q="'" escaped="'\\''"
-  for a in "$@"; do
-    prefix=""
-    if [[ $a =~ ^--[A-Za-z0-9_.-]+= ]]; then
-      prefix=${BASH_REMATCH[0]}; a=${a#"$prefix"}
-    fi
-    if [[ -z $a || $a == *[!A-Za-z0-9_./:=,@%+-]* ]]; then
-      a=${a//"$q"/"$escaped"}; a="'$a'"
-    fi
-    out+=" $prefix$a"
-  done
-  printf '%s\n' "${out# }"
-}
-
-run() {
-  if (( DRY_RUN )); then quote "$@"; return 0; fi
-  printf '+ %s\n' "$(quote "$@")" >&2
-  "$@"
-}
+# shellcheck source=_common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CONFIG="" WORKDIR="" INSTALL=0 CUDA=12 GPUS="" NODES=1 RANK=0 COORDINATOR=""
 PYTHON=python DRY_RUN=0 EXTRA=()

@@ -1,12 +1,16 @@
 """Shared test setup: float32 everywhere, deterministic torch, shared data paths."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Shared test helpers (``recipes``) import by name from any test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

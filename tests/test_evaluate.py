@@ -1,6 +1,5 @@
 """DreamBench evaluation: metric functions, image layout, and the CLI end to end."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,8 @@ from PIL import Image
 
 from personalize_jax import eval_dreambench as ev
 from personalize_jax.errors import UserError
+
+import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,11 +270,7 @@ def test_generate_images_wiring(tmp_path, monkeypatch):
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      "eval_dreambench_config", ROOT / "configs" / "eval_dreambench.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return recipes.load("eval_dreambench", "tiny")
 
 
 def test_generate_images_with_the_tiny_pipeline(tmp_path):

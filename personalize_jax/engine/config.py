@@ -5,8 +5,12 @@ method needs; ``validate`` checks the resolved config and raises ``UserError``
 with one line naming the key, the value and what would be valid.
 """
 
+import importlib.util
 import os
 import re
+import types
+from pathlib import Path
+from typing import Callable
 
 import ml_collections
 
@@ -100,6 +104,60 @@ def base_config() -> ml_collections.ConfigDict:
   c.final_eval.harmonic_lams = (0.3, 0.5)  # lambda values of the harmonic scores.
   c.final_eval.grid_thumbnail = 128  # side of each image in the grids.
   return c
+
+
+def tiny_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``:tiny`` variant the recipes share: tiny random models, the drawn
+  demo subject, about a minute on 2 CPU cores. Changes ``c`` in place."""
+  c.model.pretrained = "tiny"
+  c.model.attention_impl = "xla"
+  c.mixed_precision = "fp32"
+  c.data.class_name = "mug"
+  c.data.resolution = 64
+  c.learning_rate = 1e-4
+  c.num_steps = 20
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 10
+  c.eval_every_steps = 10
+  c.eval.prompts = c.eval.prompts[:2]
+  c.eval.num_inference_steps = 4
+  # Off: the tiny recipes run in many tests (configs/demo_cpu.py turns it on).
+  c.final_eval.enabled = False
+  c.final_eval.prompts = c.final_eval.prompts[:2]
+  c.final_eval.num_images_per_prompt = 2
+  c.final_eval.num_inference_steps = 4
+  c.final_eval.batch_size = 4
+  c.final_eval.dino_model = "tiny"
+  c.final_eval.clip_model = "tiny"
+  c.final_eval.grid_thumbnail = 64
+  if "dreambooth" in c:
+    c.dreambooth.num_class_images = 4
+    c.dreambooth.class_inference_steps = 4
+  return c
+
+
+def with_variant(c: ml_collections.ConfigDict, arg: str | None,
+                 tiny: Callable = tiny_variant) -> ml_collections.ConfigDict:
+  """A recipe's ``get_config(arg)`` tail: ``arg="tiny"`` applies ``tiny``."""
+  if arg == "tiny":
+    return tiny(c)
+  if arg:
+    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
+  return c
+
+
+def load_recipe(path: str | os.PathLike) -> types.ModuleType:
+  """Loads a recipe file (``configs/`` is a folder of files, not a package).
+
+  Recipes that build on another one load their sibling by path,
+  ``load_recipe(Path(__file__).with_name("rpo_tpu.py"))``, so that they work
+  from any working directory.
+  """
+  path = Path(path).resolve()
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _fail(key: str, value, valid: str):

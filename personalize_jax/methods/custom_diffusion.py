@@ -21,11 +21,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import optim
 from personalize_jax.errors import UserError
 from personalize_jax.methods import dreambooth
-from personalize_jax.models import tokenizer as tokenizer_lib
 
 # What trains, as ``config.trainable`` regexes: cross-attention K/V of the
 # U-Net and the text encoder's token table (whose rows ``row_masks`` limits
@@ -99,32 +97,13 @@ class CustomDiffusion(dreambooth.DreamBooth):
   token_id: int | None = None
 
   def prepare(self) -> None:
-    cfg, pipe = self.config, self.ctx.pipeline
-    if cfg.custom_diffusion.modifier_token:
+    if self.config.custom_diffusion.modifier_token:
       self.token_id = self.add_modifier_token()
-    self.scaling = pipe.vae.scaling_factor
-    self.schedule = pipe.schedule
-    prompt = self.instance_prompt()
-    self.check_prompts([prompt] + self.eval_prompts())
-    self.instance = self.encode_latents(
-        self.pixels(self.instance_images(), flips=cfg.data.random_flip),
-        "instance_latents")
-    self.num_instance = len(self.instance["mean"])
-    self.num_flips = 2 if cfg.data.random_flip else 1
-    prompts = [prompt]
-    if cfg.dreambooth.prior_preservation:
-      class_prompt = prompts_lib.format_prompt(
-          cfg.dreambooth.class_prompt, token=cfg.data.unique_token,
-          class_name=cfg.data.class_name)
-      prompts.append(class_prompt)
-      self.klass = self.encode_latents(
-          self.pixels(self.class_images(class_prompt), flips=False),
-          "class_latents")
-    if self.token_id is None:
-      self.emb = self.encode_text(prompts, "prompt_embeddings")
-    else:
-      # The modifier's row trains, so prompts are encoded at every step.
-      self.ids = tokenizer_lib.tokenize(pipe.tokenizer, prompts)
+    super().prepare()
+
+  def trains_text_encoder(self) -> bool:
+    """Only the modifier token's row of the text encoder trains."""
+    return self.token_id is not None
 
   def add_modifier_token(self) -> int:
     """Adds the modifier token to the pipeline's tokenizer and text encoder.
@@ -161,18 +140,6 @@ class CustomDiffusion(dreambooth.DreamBooth):
     table = encoder.text_model.embeddings.token_embedding.embedding.get_value()
     pipe.text_encoder = encoder.with_added_tokens(table[source_id][None])
     return int(token_id)
-
-  def trainable_modules(self) -> dict[str, nnx.Module]:
-    pipe = self.ctx.pipeline
-    modules = {"unet": pipe.unet}
-    if self.token_id is not None:
-      modules["text_encoder"] = pipe.text_encoder
-    return modules
-
-  def constants(self) -> dict[str, np.ndarray]:
-    if self.token_id is None:
-      return {"emb": self.emb}
-    return {"ids": self.ids}
 
   def new_rows(self) -> np.ndarray:
     """Bool ``(vocab_size,)``: the token-table rows that train."""

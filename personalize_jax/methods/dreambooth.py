@@ -62,10 +62,15 @@ class DreamBooth(base.Method):
       self.klass = self.encode_latents(
           self.pixels(self.class_images(class_prompt), flips=False),
           "class_latents")
-    if cfg.dreambooth.train_text_encoder:
+    if self.trains_text_encoder():
+      # The text encoder trains, so prompts are encoded at every step.
       self.ids = tokenizer_lib.tokenize(pipe.tokenizer, prompts)
     else:
       self.emb = self.encode_text(prompts, "prompt_embeddings")
+
+  def trains_text_encoder(self) -> bool:
+    """Whether (part of) the text encoder trains with the U-Net."""
+    return self.config.dreambooth.train_text_encoder
 
   def class_images(self, class_prompt: str) -> list[np.ndarray]:
     """Class images from disk, generating the missing ones with the base model."""
@@ -93,12 +98,12 @@ class DreamBooth(base.Method):
   def trainable_modules(self) -> dict[str, nnx.Module]:
     pipe = self.ctx.pipeline
     modules = {"unet": pipe.unet}
-    if self.config.dreambooth.train_text_encoder:
+    if self.trains_text_encoder():
       modules["text_encoder"] = pipe.text_encoder
     return modules
 
   def constants(self) -> dict[str, np.ndarray]:
-    if self.config.dreambooth.train_text_encoder:
+    if self.trains_text_encoder():
       return {"ids": self.ids}
     return {"emb": self.emb}
 
@@ -124,23 +129,32 @@ class DreamBooth(base.Method):
       return encoder(frozen["constants"]["ids"])
     return frozen["constants"]["emb"]
 
-  def loss_fn(self, params, frozen, batch, rng):
-    unet = self.module("unet", params["unet"])
+  def training_rows(self, params, frozen, batch, rng):
+    """Latents and text states of the step's rows: instances, then class.
+
+    Returns ``(latents, embs)`` with ``batch`` instance rows first and, with
+    prior preservation, as many class rows after them.
+    """
     emb = self.prompt_embeddings(params, frozen)
-    latent_rng, noise_rng = jax.random.split(rng)
     bs = batch["instance_mean"].shape[0]
     means, stds = [batch["instance_mean"]], [batch["instance_std"]]
     embs = [jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])]
-    prior = self.config.dreambooth.prior_preservation
-    if prior:
+    if self.config.dreambooth.prior_preservation:
       means.append(batch["class_mean"])
       stds.append(batch["class_std"])
       embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
     latents = base.sample_latents(jnp.concatenate(means),
-                                  jnp.concatenate(stds), latent_rng,
-                                  self.scaling)
-    err = base.noise_prediction_error(unet, self.schedule, latents,
-                                      jnp.concatenate(embs), noise_rng)
+                                  jnp.concatenate(stds), rng, self.scaling)
+    return latents, jnp.concatenate(embs)
+
+  def loss_fn(self, params, frozen, batch, rng):
+    unet = self.module("unet", params["unet"])
+    latent_rng, noise_rng = jax.random.split(rng)
+    latents, embs = self.training_rows(params, frozen, batch, latent_rng)
+    bs = batch["instance_mean"].shape[0]
+    prior = self.config.dreambooth.prior_preservation
+    err = base.noise_prediction_error(unet, self.schedule, latents, embs,
+                                      noise_rng)
     instance_loss = jnp.mean(err[:bs])
     metrics = {"loss/instance": instance_loss}
     loss = instance_loss

@@ -277,20 +277,10 @@ class LookForward(dreambooth.DreamBooth):
     lf = cfg.lookforward
     sg = jax.lax.stop_gradient
     unet = self.module("unet", params["unet"])
-    emb = self.prompt_embeddings(params, frozen)
     latent_rng, noise_rng = jax.random.split(rng)
+    latents, embs = self.training_rows(params, frozen, batch, latent_rng)
     bs = batch["instance_mean"].shape[0]
-    means, stds = [batch["instance_mean"]], [batch["instance_std"]]
-    embs = [jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])]
     prior = cfg.dreambooth.prior_preservation
-    if prior:
-      means.append(batch["class_mean"])
-      stds.append(batch["class_std"])
-      embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
-    latents = base.sample_latents(jnp.concatenate(means),
-                                  jnp.concatenate(stds), latent_rng,
-                                  self.scaling)
-    embs = jnp.concatenate(embs)
     # The draws of base.noise_prediction_error, so that with actor_weight=0
     # the loss is DreamBooth's exactly.
     eps_rng, t_rng = jax.random.split(noise_rng)

@@ -12,15 +12,12 @@ always interpolated to the input's patch grid (the checkpoints are trained at
 """
 
 import dataclasses
-import os
-from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from personalize_jax.models import checkpoint, layers, presets, vit
+from personalize_jax.models import layers, presets, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,18 +147,7 @@ class Dinov2Layer(nnx.Module):
     return x_btd + self.layer_scale2(self.mlp(self.norm2(x_btd)))
 
 
-class Dinov2Encoder(nnx.Module):
-  """``encoder``: the list of blocks under ``layer``."""
-
-  def __init__(self, config: Dinov2Config, *, dtype, param_dtype,
-               attention_impl: str, rngs: nnx.Rngs):
-    self.layer = nnx.List([
-        Dinov2Layer(config, dtype=dtype, param_dtype=param_dtype,
-                    attention_impl=attention_impl, rngs=rngs)
-        for _ in range(config.num_hidden_layers)])
-
-
-class Dinov2Model(nnx.Module):
+class Dinov2Model(vit.VisionTransformer):
   """transformers ``Dinov2Model`` on NHWC pixel values.
 
   Calling it returns the last hidden state after the final LayerNorm,
@@ -170,53 +156,7 @@ class Dinov2Model(nnx.Module):
   expected; the remainder is dropped by the patch convolution, as in torch).
   """
 
-  def __init__(self, config: Dinov2Config | Mapping, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, attention_impl: str = "xla",
-               remat: bool = False, rngs: nnx.Rngs):
-    if not isinstance(config, Dinov2Config):
-      config = Dinov2Config.from_dict(config)
-    self.config = config
-    self.remat = remat
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.embeddings = Dinov2Embeddings(config, rngs=rngs, **kw)
-    self.encoder = Dinov2Encoder(config, attention_impl=attention_impl,
-                                 rngs=rngs, **kw)
-    self.layernorm = layers.layer_norm(config.hidden_size,
-                                       epsilon=config.layer_norm_eps,
-                                       rngs=rngs, **kw)
-
-  def __call__(self, pixel_values_bhwc: jax.Array) -> jax.Array:
-    """Encodes normalised NHWC pixel values into ``(b, 1 + n, hidden)`` tokens."""
-    x_btd = self.embeddings(pixel_values_bhwc)
-    x_btd = vit.run_layers(self.encoder.layer, x_btd, self.remat)
-    return self.layernorm(x_btd)
-
-  @classmethod
-  def from_pretrained(cls, path_or_hub_id: str | os.PathLike,
-                      subfolder: str | None = None, *, dtype=jnp.float32,
-                      param_dtype=jnp.float32, attention_impl: str = "xla",
-                      remat: bool = False, seed: int = 0) -> "Dinov2Model":
-    """Loads a transformers DINOv2 checkpoint (``"tiny"``: random preset model).
-
-    Args:
-      path_or_hub_id: a folder with ``config.json`` + ``model.safetensors``, a
-        Hub id such as ``facebook/dinov2-small``, or ``"tiny"``.
-      subfolder: a folder inside it.
-      dtype: compute dtype.
-      param_dtype: storage dtype of the parameters.
-      attention_impl: see ``attention.IMPLEMENTATIONS``.
-      remat: rematerialise each block in the backward pass.
-      seed: the random init of ``"tiny"``.
-
-    Raises:
-      CheckpointError: the folder, config or weights cannot be loaded.
-    """
-    return vit.load_model(cls, Dinov2Config, presets.DINOV2, path_or_hub_id,
-                          subfolder, seed=seed, dtype=dtype,
-                          param_dtype=param_dtype,
-                          attention_impl=attention_impl, remat=remat)
-
-  def save_pretrained(self, folder: str | os.PathLike) -> Path:
-    """Writes ``config.json`` + ``model.safetensors`` that transformers loads."""
-    return checkpoint.save_pretrained(self, folder, self.config.to_dict(),
-                                      checkpoint.TRANSFORMERS_WEIGHTS)
+  CONFIG_CLS = Dinov2Config
+  EMBEDDINGS_CLS = Dinov2Embeddings
+  LAYER_CLS = Dinov2Layer
+  PRESET = presets.DINOV2

@@ -293,14 +293,14 @@ class ViTEmbeddings(nnx.Module):
     return tokens_bnd + positions.astype(self.dtype)
 
 
-class ViTEncoder(nnx.Module):
+class Encoder(nnx.Module):
   """``encoder``: the list of blocks under ``layer``."""
 
-  def __init__(self, config: ViTConfig, *, dtype, param_dtype,
+  def __init__(self, config, layer_cls: type, *, dtype, param_dtype,
                attention_impl: str, rngs: nnx.Rngs):
     self.layer = nnx.List([
-        ViTLayer(config, dtype=dtype, param_dtype=param_dtype,
-                 attention_impl=attention_impl, rngs=rngs)
+        layer_cls(config, dtype=dtype, param_dtype=param_dtype,
+                  attention_impl=attention_impl, rngs=rngs)
         for _ in range(config.num_hidden_layers)])
 
 
@@ -314,26 +314,32 @@ def check_model_type(config: Mapping, expected: str, cls_name: str,
         f"{expected!r} checkpoints; use the class for {found!r} or another folder")
 
 
-class ViTModel(nnx.Module):
-  """transformers ``ViTModel`` without the pooler, on NHWC pixel values.
+class VisionTransformer(nnx.Module):
+  """The body every ViT-family port shares: embeddings, blocks, LayerNorm.
 
-  Calling it returns the last hidden state after the final LayerNorm,
-  ``(batch, 1 + patches, hidden)``; the DINO embedding is ``[:, 0]``. Inputs
-  of another size than ``config.image_size`` get interpolated position
-  embeddings (transformers' ``interpolate_pos_encoding=True``).
+  A subclass names its parts (``CONFIG_CLS``, ``EMBEDDINGS_CLS``,
+  ``LAYER_CLS``), the preset of its ``"tiny"`` model and the checkpoint keys
+  it skips on load. Calling it returns the last hidden state after the final
+  LayerNorm, ``(batch, 1 + patches, hidden)``.
   """
 
-  def __init__(self, config: ViTConfig | Mapping, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, attention_impl: str = "xla",
-               remat: bool = False, rngs: nnx.Rngs):
-    if not isinstance(config, ViTConfig):
-      config = ViTConfig.from_dict(config)
+  CONFIG_CLS: type = None
+  EMBEDDINGS_CLS: type = None
+  LAYER_CLS: type = None
+  PRESET: Mapping[str, Any] = {}
+  IGNORE_UNEXPECTED: tuple[str, ...] = ()
+
+  def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl: str = "xla", remat: bool = False,
+               rngs: nnx.Rngs):
+    if not isinstance(config, self.CONFIG_CLS):
+      config = self.CONFIG_CLS.from_dict(config)
     self.config = config
     self.remat = remat
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.embeddings = ViTEmbeddings(config, rngs=rngs, **kw)
-    self.encoder = ViTEncoder(config, attention_impl=attention_impl,
-                              rngs=rngs, **kw)
+    self.embeddings = self.EMBEDDINGS_CLS(config, rngs=rngs, **kw)
+    self.encoder = Encoder(config, self.LAYER_CLS,
+                           attention_impl=attention_impl, rngs=rngs, **kw)
     self.layernorm = layers.layer_norm(config.hidden_size,
                                        epsilon=config.layer_norm_eps,
                                        rngs=rngs, **kw)
@@ -348,12 +354,13 @@ class ViTModel(nnx.Module):
   def from_pretrained(cls, path_or_hub_id: str | os.PathLike,
                       subfolder: str | None = None, *, dtype=jnp.float32,
                       param_dtype=jnp.float32, attention_impl: str = "xla",
-                      remat: bool = False, seed: int = 0) -> "ViTModel":
-    """Loads a transformers ViT checkpoint (``"tiny"``: random preset model).
+                      remat: bool = False, seed: int = 0):
+    """Loads a transformers checkpoint of this class (``"tiny"``: random preset).
 
     Args:
       path_or_hub_id: a folder with ``config.json`` + ``model.safetensors``, a
-        Hub id such as ``facebook/dino-vits16``, or ``"tiny"``.
+        Hub id (``facebook/dino-vits16`` for ``ViTModel``,
+        ``facebook/dinov2-small`` for ``Dinov2Model``), or ``"tiny"``.
       subfolder: a folder inside it.
       dtype: compute dtype.
       param_dtype: storage dtype of the parameters.
@@ -364,10 +371,21 @@ class ViTModel(nnx.Module):
     Raises:
       CheckpointError: the folder, config or weights cannot be loaded.
     """
-    return load_model(cls, ViTConfig, presets.DINO_VIT, path_or_hub_id,
-                      subfolder, seed=seed, ignore_unexpected=[r"^pooler\."],
-                      dtype=dtype, param_dtype=param_dtype,
-                      attention_impl=attention_impl, remat=remat)
+    kw = dict(dtype=dtype, param_dtype=param_dtype,
+              attention_impl=attention_impl, remat=remat)
+    if str(path_or_hub_id) == presets.TINY:
+      return checkpoint.build_random(
+          lambda: cls(cls.CONFIG_CLS.from_dict(cls.PRESET),
+                      rngs=checkpoint.shape_only_rngs(), **kw),
+          seed, param_dtype)
+    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
+    values = checkpoint.read_json(folder / "config.json")
+    check_model_type(values, cls.CONFIG_CLS.MODEL_TYPE, cls.__name__, folder)
+    config = cls.CONFIG_CLS.from_dict(values)
+    return checkpoint.build_and_load(
+        lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
+        checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=param_dtype,
+        ignore_unexpected=cls.IGNORE_UNEXPECTED)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` that transformers loads."""
@@ -375,19 +393,17 @@ class ViTModel(nnx.Module):
                                       checkpoint.TRANSFORMERS_WEIGHTS)
 
 
-def load_model(cls, config_cls, preset: dict, path_or_hub_id, subfolder, *,
-               seed: int, ignore_unexpected=(), **kw):
-  """``from_pretrained`` of the ViT-family ports: ``tiny`` or a checkpoint."""
-  if str(path_or_hub_id) == presets.TINY:
-    return checkpoint.build_random(
-        lambda: cls(config_cls.from_dict(preset),
-                    rngs=checkpoint.shape_only_rngs(), **kw),
-        seed, kw["param_dtype"])
-  folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-  values = checkpoint.read_json(folder / "config.json")
-  check_model_type(values, config_cls.MODEL_TYPE, cls.__name__, folder)
-  config = config_cls.from_dict(values)
-  return checkpoint.build_and_load(
-      lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
-      checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=kw["param_dtype"],
-      ignore_unexpected=ignore_unexpected)
+class ViTModel(VisionTransformer):
+  """transformers ``ViTModel`` without the pooler, on NHWC pixel values.
+
+  Calling it returns the last hidden state after the final LayerNorm,
+  ``(batch, 1 + patches, hidden)``; the DINO embedding is ``[:, 0]``. Inputs
+  of another size than ``config.image_size`` get interpolated position
+  embeddings (transformers' ``interpolate_pos_encoding=True``).
+  """
+
+  CONFIG_CLS = ViTConfig
+  EMBEDDINGS_CLS = ViTEmbeddings
+  LAYER_CLS = ViTLayer
+  PRESET = presets.DINO_VIT
+  IGNORE_UNEXPECTED = (r"^pooler\.",)

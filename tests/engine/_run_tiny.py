@@ -26,16 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_config(overrides: dict):
   """``configs/dreambooth_tpu.py:tiny`` with dotted-key ``overrides``."""
-  sys.path.insert(0, str(REPO / "configs"))
-  import dreambooth_tpu  # pylint: disable=g-import-not-at-top
-  config = dreambooth_tpu.get_config("tiny")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  sys.path.insert(0, str(REPO / "tests"))
+  import recipes  # pylint: disable=g-import-not-at-top
+  return recipes.load("dreambooth_tpu", "tiny", **overrides)
 
 
 def main() -> None:

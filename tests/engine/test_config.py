@@ -1,7 +1,6 @@
 """Tests for the base config and its validation."""
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,25 +8,17 @@ import pytest
 from personalize_jax.engine import config as config_lib
 from personalize_jax.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
-import dreambooth_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+import recipes
 
 
 def _config(**overrides):
   """The tiny DreamBooth recipe with dotted-key ``overrides``."""
-  config = dreambooth_tpu.get_config("tiny")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return recipes.load("dreambooth_tpu", "tiny", **overrides)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_recipes_are_valid(arg):
-  config_lib.validate(dreambooth_tpu.get_config(arg), num_devices=1)
+  config_lib.validate(recipes.load("dreambooth_tpu", arg), num_devices=1)
 
 
 def test_tiny_recipe_is_valid_on_eight_devices_with_a_divisible_batch():
@@ -37,7 +28,7 @@ def test_tiny_recipe_is_valid_on_eight_devices_with_a_divisible_batch():
 
 def test_unknown_recipe_variant_is_refused():
   with pytest.raises(ValueError, match="unknown variant 'huge'"):
-    dreambooth_tpu.get_config("huge")
+    recipes.load("dreambooth_tpu", "huge")
 
 
 def test_every_base_field_has_a_comment():

@@ -1,6 +1,5 @@
 """Custom Diffusion: what trains, the new token, and the exported pipeline."""
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from personalize_jax.methods import base, custom_diffusion
 from personalize_jax.models import checkpoint
 from personalize_jax.models.pipeline import load_stable_diffusion
 
+import recipes
+
 REPO = Path(__file__).resolve().parents[2]
 NEW_ID = 49408  # the first id after CLIP's 49,408
 KTN_ID = 42170  # the vocabulary piece "ktn" (as text it is "k" + "tn</w>")
@@ -27,23 +28,13 @@ TABLE = "text_model.embeddings.token_embedding.weight"
 
 def _config(**overrides):
   """``configs/custom_diffusion_tpu.py:tiny``, cut down to a few fast steps."""
-  path = REPO / "configs" / "custom_diffusion_tpu.py"
-  spec = importlib.util.spec_from_file_location("custom_diffusion_tpu", path)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  c = recipe.get_config("tiny")
+  c = recipes.load("custom_diffusion_tpu", "tiny")
   c.num_steps = 2
   c.learning_rate = 1e-3  # big enough that every trained weight moves
   c.dreambooth.prior_preservation = False  # no class-image generation
   c.eval.prompts = ["a {token} {class_name}"]
   c.eval.num_inference_steps = 1
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return c
+  return recipes.override(c, overrides)
 
 
 def _method(config, workdir):

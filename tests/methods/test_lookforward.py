@@ -6,7 +6,6 @@ uses the tiny pipeline and the tiny DINO ViT; the last ones run the three
 recipes through the command line.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,24 +30,15 @@ from personalize_jax.models import presets
 from personalize_jax.models.unet import UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL
 
+import recipes
+
 REPO = Path(__file__).resolve().parents[2]
 LATENT = 8  # the tiny VAE's latent side (64 px images)
 SD1 = dict(presets.SCHEDULER)
 
 
 def _config(recipe="lookforward_dreambooth_tpu", **overrides):
-  spec = importlib.util.spec_from_file_location(
-      recipe, REPO / "configs" / f"{recipe}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return recipes.load(recipe, "tiny", **overrides)
 
 
 class _StubUNet(nnx.Module):

@@ -1,6 +1,5 @@
 """RPO: the preference loss, its labels and data, its wiring, and a tiny run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ from personalize_jax.errors import UserError
 from personalize_jax.methods import base, rpo
 from personalize_jax.models.unet import UNet2DConditionModel
 
+import recipes
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "rpo_tpu.py"
 # The tiny trainings here run for seconds and compile for tens of seconds:
@@ -30,10 +31,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0,
 
 
 def _config(arg=None):
-  spec = importlib.util.spec_from_file_location("rpo_tpu", RECIPE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return recipes.load("rpo_tpu", arg)
 
 
 def _method(config, unet=None) -> rpo.RPO:
