@@ -341,6 +341,12 @@ def generate_images(config: ml_collections.ConfigDict,
 
 # ---------------------------------------------------------------- reports --
 
+def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
+  """``image`` resized (bicubic) to ``side`` x ``side``, uint8 RGB."""
+  return np.asarray(Image.fromarray(image).convert("RGB").resize(
+      (side, side), Image.Resampling.BICUBIC))
+
+
 def image_grid(references: Sequence[np.ndarray],
                generated: Sequence[Sequence[np.ndarray]],
                thumb: int = 128, gap: int = 8) -> np.ndarray:
@@ -348,17 +354,13 @@ def image_grid(references: Sequence[np.ndarray],
 
   A white band of ``gap`` pixels separates the references from the rest.
   """
-  def small(image):
-    return np.asarray(Image.fromarray(image).resize((thumb, thumb),
-                                                    Image.Resampling.BICUBIC))
-
   rows = [list(references)] + [list(r) for r in generated]
   cols = max(len(r) for r in rows)
   grid = np.full((len(rows) * thumb + gap, cols * thumb, 3), 255, np.uint8)
   for r, row in enumerate(rows):
     top = r * thumb + (gap if r else 0)
     for c, image in enumerate(row):
-      grid[top:top + thumb, c * thumb:(c + 1) * thumb] = small(image)
+      grid[top:top + thumb, c * thumb:(c + 1) * thumb] = thumbnail(image, thumb)
   return grid
 
 

@@ -109,8 +109,9 @@ def summary_text(summary, config, config_arg: str) -> str:
     lines.append(f"best step {step}: {scores} (exported)")
   if summary.final_eval:
     from personalize_jax.engine import final_eval  # pylint: disable=g-import-not-at-top
-    lines.append(f"final evaluation ({work / 'final_eval' / 'metrics.md'}, "
-                 "grids beside it):")
+    folder = work / "final_eval"
+    lines.append(f"final evaluation (scores: {folder / 'metrics.md'}; "
+                 f"side by side: {folder / 'comparison.png'}):")
     lines += final_eval.summary_lines(summary.final_eval)
   lines += [
       f"  fine-tuned pipeline (diffusers layout): {work / 'export'}",

@@ -310,7 +310,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 # Sample grids and the progress bar.
 
 
-def _wrap(text: str, font, width: int) -> list[str]:
+def wrap_text(text: str, font, width: int) -> list[str]:
   """Greedy word wrap to ``width`` pixels; over-long words are split."""
   lines = []
   for paragraph in text.split("\n"):
@@ -366,7 +366,7 @@ def save_grid(images_uint8_nhwc: Any, path: str | os.PathLike, *,
 
   font = ImageFont.load_default()
   pad = 4
-  wrapped = [_wrap(c, font, width - 2 * pad) for c in captions or []]
+  wrapped = [wrap_text(c, font, width - 2 * pad) for c in captions or []]
   line_height = font.getbbox("Hg")[3] + 2
   caption_height = (max(len(w) for w in wrapped) * line_height + 2 * pad
                     if wrapped else 0)
