@@ -48,7 +48,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from personalize_jax import diffusion
+from personalize_jax import diffusion, grids
 from personalize_jax import rewards
 from personalize_jax.data import dreambench
 from personalize_jax.errors import UserError
@@ -341,29 +341,6 @@ def generate_images(config: ml_collections.ConfigDict,
 
 # ---------------------------------------------------------------- reports --
 
-def thumbnail(image: np.ndarray, side: int) -> np.ndarray:
-  """``image`` resized (bicubic) to ``side`` x ``side``, uint8 RGB."""
-  return np.asarray(Image.fromarray(image).convert("RGB").resize(
-      (side, side), Image.Resampling.BICUBIC))
-
-
-def image_grid(references: Sequence[np.ndarray],
-               generated: Sequence[Sequence[np.ndarray]],
-               thumb: int = 128, gap: int = 8) -> np.ndarray:
-  """References in the first row, then one row of generated images per prompt.
-
-  A white band of ``gap`` pixels separates the references from the rest.
-  """
-  rows = [list(references)] + [list(r) for r in generated]
-  cols = max(len(r) for r in rows)
-  grid = np.full((len(rows) * thumb + gap, cols * thumb, 3), 255, np.uint8)
-  for r, row in enumerate(rows):
-    top = r * thumb + (gap if r else 0)
-    for c, image in enumerate(row):
-      grid[top:top + thumb, c * thumb:(c + 1) * thumb] = thumbnail(image, thumb)
-  return grid
-
-
 def _fmt(value: float | None) -> str:
   return "-" if value is None or np.isnan(value) else f"{value:.4f}"
 
@@ -452,9 +429,11 @@ def evaluate(config: ml_collections.ConfigDict,
     per_subject[name] = subject_metrics(dino_gen, dino_ref, clip_gen,
                                         clip_ref, text, lams)
     per_subject_ref[name] = reference_metrics(dino_ref, clip_ref)
-    Image.fromarray(image_grid(references[name], generated,
-                               config.grid_thumbnail)).save(
-                                   workdir / "grids" / f"{name}.png")
+    column = grids.Column(title=f"{name}: generated", rows=generated,
+                          scores=per_subject[name])
+    picture, _ = grids.labeled_grid(references[name], prompts[name],
+                                    [column], config.grid_thumbnail)
+    Image.fromarray(picture).save(workdir / "grids" / f"{name}.png")
 
   results = {
       "overall": average(list(per_subject.values())),

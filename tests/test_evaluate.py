@@ -14,6 +14,8 @@ from flax import nnx
 from PIL import Image
 
 from personalize_jax import eval_dreambench as ev
+from personalize_jax import grids
+from personalize_jax.data import dreambench
 from personalize_jax.errors import UserError
 
 import recipes
@@ -97,12 +99,6 @@ def test_layout_helpers(tmp_path):
                                                          "zwx")
   with pytest.raises(UserError, match="fewer than num_prompts"):
     ev.read_prompts_json(tmp_path, ["dog"], 3)
-  grid = ev.image_grid([np.zeros((9, 9, 3), np.uint8)] * 3,
-                       [[np.full((5, 5, 3), 200, np.uint8)] * 2] * 2, thumb=4,
-                       gap=2)
-  assert grid.shape == (3 * 4 + 2, 3 * 4, 3)
-  assert (grid[:4] == 0).all() and (grid[4:6] == 255).all()
-  assert (grid[6:, :8] == 200).all() and (grid[6:, 8:] == 255).all()
   (tmp_path / "m" / "dog").mkdir(parents=True)
   (tmp_path / "m" / "dog" / "model_index.json").write_text("{}")
   models = tmp_path / "m"
@@ -206,10 +202,19 @@ def test_cli_end_to_end(tmp_path):
         np.mean([results["subjects"][n][key] for n in expected]), rel=1e-9)
   markdown = (workdir / "metrics.md").read_text()
   assert "| teapot |" in markdown and "**overall**" in markdown
-  for name, sizes in _REFS.items():
+  # Each subject's grid: its photos, then its prompts with their images,
+  # headed by its scores (tiny: 32 px thumbnails).
+  prompts = ev.dreambench_prompts(
+      dreambench.read_subjects(dataset, list(_REFS)),
+      dreambench.read_prompt_templates(dataset), 2, "sks")
+  for name in _REFS:
+    column = grids.Column(f"{name}: generated", results["subjects"][name],
+                          generated[name])
+    expected_grid, _ = grids.labeled_grid(refs[name], prompts[name], [column],
+                                          32)
     with Image.open(workdir / "grids" / f"{name}.png") as grid:
-      # tiny: 32 px thumbnails; references row, gap, one row per prompt.
-      assert grid.size == (max(len(sizes), 2) * 32, 3 * 32 + 8)
+      np.testing.assert_array_equal(np.asarray(grid.convert("RGB")),
+                                    expected_grid)
 
 
 def test_cli_user_error(tmp_path):

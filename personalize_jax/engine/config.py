@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.final_eval.dino_model = "facebook/dino-vits16"  # DINO score: folder, Hub id or "tiny".
   c.final_eval.clip_model = "openai/clip-vit-base-patch32"  # CLIP-I/T and H(lambda).
   c.final_eval.harmonic_lams = (0.3, 0.5)  # lambda values of the harmonic scores.
-  c.final_eval.grid_thumbnail = 128  # side of each image in the grids.
+  c.final_eval.grid_thumbnail = 128  # side of each image in comparison.png.
   return c
 
 

@@ -9,8 +9,8 @@ DINO, CLIP-I, CLIP-T and the lambda-Harmonic scores). Written to
 ``<workdir>/final_eval/``: ``metrics.json``, ``metrics.md`` (base, fine-tuned
 and the photos against each other), ``comparison.png`` (the photos on top,
 then a row per prompt: its text, the base model's images and the fine-tuned
-model's from the same seeds, each model headed by its scores) and one grid
-per model, so the effect of the fine-tuning can be seen and read side by side.
+model's from the same seeds, each model headed by its scores), so the effect
+of the fine-tuning can be seen and read side by side.
 """
 
 import json
@@ -20,13 +20,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from personalize_jax import diffusion, eval_dreambench
+from personalize_jax import diffusion, eval_dreambench, grids
 from personalize_jax.data import dreambench
 from personalize_jax.data import images as images_lib
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.engine import rundir
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import checkpoint, presets
@@ -35,7 +34,6 @@ from personalize_jax.models.pipeline import load_stable_diffusion
 FOLDER = "final_eval"
 MODELS = ("base", "finetuned")
 TITLES = {"base": "base model", "finetuned": "fine-tuned (export/)"}
-SCORE_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
 
 def check_models(config: ml_collections.ConfigDict) -> None:
@@ -163,76 +161,12 @@ def comparison_image(references: list[np.ndarray],
     ``(image_hwc_uint8, layout)``: ``layout`` maps ``"photos"`` and each model
     to the ``(top, left)`` corners of its images, row by row.
   """
-  font = ImageFont.load_default(size=max(11, thumb // 10))
-  pad, gap = 6, 16
-  line = font.getbbox("Hg")[3] + 3
-  per_prompt = max(len(row) for name in MODELS for row in generated[name])
-  label_w = max(2 * thumb, 160)
-  block_w = per_prompt * thumb
-  left = {"base": label_w, "finetuned": label_w + block_w + gap}
-  width = left["finetuned"] + block_w
-
-  def text_lines(text: str, w: int) -> list[str]:
-    return metrics_lib.wrap_text(text, font, w - 2 * pad)
-
-  def text_h(lines: list[str]) -> int:
-    return len(lines) * line + 2 * pad
-
-  # Rows, top to bottom: the photos, a rule, each model's title and scores,
-  # then one row per prompt.
-  per_row = max(1, (width - label_w) // thumb)
-  photo_label = text_lines(f"subject photos ({len(references)})", label_w)
-  photos_h = max(-(-len(references) // per_row) * thumb, text_h(photo_label))
-  def scores(name: str) -> list[str]:
-    # Greedy, one score never split over two lines.
-    lines = []
-    for item in (f"{SCORE_NAMES[k]} {results[name][k]:.3f}"
-                 for k in SCORE_NAMES):
-      joined = f"{lines[-1]} | {item}" if lines else item
-      if lines and font.getlength(joined) <= block_w - 2 * pad:
-        lines[-1] = joined
-      else:
-        lines.append(item)
-    return lines
-
-  heads = {name: text_lines(TITLES[name], block_w) + scores(name)
-           for name in MODELS}
-  heads_top = photos_h + gap
-  top0 = heads_top + max(text_h(v) for v in heads.values())
-  prompt_labels = [text_lines(p, label_w) for p in results["prompts"]]
-  row_h = [max(thumb, text_h(lab)) for lab in prompt_labels]
-  height = top0 + sum(row_h)
-
-  canvas = Image.new("RGB", (width, height), "white")
-  draw = ImageDraw.Draw(canvas)
-  layout: dict[str, list[tuple[int, int]]] = {"photos": []}
-
-  def paste(image, top, x):
-    canvas.paste(Image.fromarray(eval_dreambench.thumbnail(image, thumb)),
-                 (x, top))
-    return top, x
-
-  def label(lines, top, x):
-    for j, text in enumerate(lines):
-      draw.text((x + pad, top + pad + j * line), text, fill="black", font=font)
-
-  label(photo_label, 0, 0)
-  for i, image in enumerate(references):
-    row, col = divmod(i, per_row)
-    layout["photos"].append(paste(image, row * thumb, label_w + col * thumb))
-  draw.line([(0, photos_h + gap // 2), (width, photos_h + gap // 2)],
-            fill="gray")
-  for name in MODELS:
-    label(heads[name], heads_top, left[name])
-    layout[name] = []
-  top = top0
-  for p, lines in enumerate(prompt_labels):
-    label(lines, top, 0)
-    for name in MODELS:
-      for j, image in enumerate(generated[name][p]):
-        layout[name].append(paste(image, top, left[name] + j * thumb))
-    top += row_h[p]
-  return np.asarray(canvas), layout
+  columns = [grids.Column(title=TITLES[name], scores=results[name],
+                          rows=generated[name]) for name in MODELS]
+  picture, layout = grids.labeled_grid(references, results["prompts"],
+                                       columns, thumb)
+  return picture, {"photos": layout["photos"],
+                   **dict(zip(MODELS, layout["columns"]))}
 
 
 def _write(folder: Path, results, references, generated, thumb: int) -> None:
@@ -247,6 +181,3 @@ def _write(folder: Path, results, references, generated, thumb: int) -> None:
   rundir.atomic_write_text(folder / "metrics.md", text)
   picture, _ = comparison_image(references, generated, results, thumb)
   Image.fromarray(picture).save(folder / "comparison.png")
-  for name in MODELS:
-    grid = eval_dreambench.image_grid(references, generated[name], thumb)
-    Image.fromarray(grid).save(folder / f"grid_{name}.png")

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
 
+from personalize_jax import grids
 from personalize_jax.engine.rundir import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -310,29 +311,6 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 # Sample grids and the progress bar.
 
 
-def wrap_text(text: str, font, width: int) -> list[str]:
-  """Greedy word wrap to ``width`` pixels; over-long words are split."""
-  lines = []
-  for paragraph in text.split("\n"):
-    line = ""
-    for word in paragraph.split():
-      candidate = f"{line} {word}" if line else word
-      if font.getlength(candidate) <= width:
-        line = candidate
-        continue
-      if line:
-        lines.append(line)
-      while font.getlength(word) > width and len(word) > 1:
-        cut = len(word) - 1
-        while cut > 1 and font.getlength(word[:cut]) > width:
-          cut -= 1
-        lines.append(word[:cut])
-        word = word[cut:]
-      line = word
-    lines.append(line)
-  return lines
-
-
 def save_grid(images_uint8_nhwc: Any, path: str | os.PathLike, *,
               captions: Sequence[str] | None = None,
               ncols: int | None = None) -> Path:
@@ -366,7 +344,7 @@ def save_grid(images_uint8_nhwc: Any, path: str | os.PathLike, *,
 
   font = ImageFont.load_default()
   pad = 4
-  wrapped = [wrap_text(c, font, width - 2 * pad) for c in captions or []]
+  wrapped = [grids.wrap_text(c, font, width - 2 * pad) for c in captions or []]
   line_height = font.getbbox("Hg")[3] + 2
   caption_height = (max(len(w) for w in wrapped) * line_height + 2 * pad
                     if wrapped else 0)
