@@ -13,6 +13,7 @@ model's from the same seeds, each model headed by its scores), so the effect
 of the fine-tuning can be seen and read side by side.
 """
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -180,4 +181,6 @@ def _write(folder: Path, results, references, generated, thumb: int) -> None:
           + markdown(results))
   rundir.atomic_write_text(folder / "metrics.md", text)
   picture, _ = comparison_image(references, generated, results, thumb)
-  Image.fromarray(picture).save(folder / "comparison.png")
+  png = io.BytesIO()
+  Image.fromarray(picture).save(png, format="PNG")
+  rundir.atomic_write_bytes(folder / "comparison.png", png.getvalue())
