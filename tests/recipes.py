@@ -1,9 +1,10 @@
 """The recipes of ``configs/`` as tests load them: one loader for every test."""
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from personalize_jax.engine import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,5 @@ def load(recipe: str, variant: str | None = "tiny",
 
   Pass dotted keys as ``**{"mesh.fsdp": 4}``.
   """
-  path = REPO / "configs" / f"{recipe}.py"
-  spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_recipe(REPO / "configs" / f"{recipe}.py")
   return override(module.get_config(variant), overrides)

@@ -1,7 +1,6 @@
 """Tests for the final evaluation: export against base, scores and reports."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from personalize_jax.models.pipeline import load_stable_diffusion
 
 import recipes
 
-REPO = Path(__file__).resolve().parents[2]
 SCORES = ("dino", "clip_i", "clip_t", "harmonic_0.3", "harmonic_0.5")
 
 

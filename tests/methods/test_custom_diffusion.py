@@ -19,7 +19,6 @@ from personalize_jax.models.pipeline import load_stable_diffusion
 
 import recipes
 
-REPO = Path(__file__).resolve().parents[2]
 NEW_ID = 49408  # the first id after CLIP's 49,408
 KTN_ID = 42170  # the vocabulary piece "ktn" (as text it is "k" + "tn</w>")
 KV = re.compile(r"attn2\.to_[kv]\.")
