@@ -1,6 +1,9 @@
-"""Install: ``pip install -e .`` (runtime) or ``pip install -e .[test]`` (tests)."""
+"""Install: ``pip install -e .`` (runtime), ``pip install -e .[tpu]`` (Cloud
+TPU VMs) or ``pip install -e .[test]`` (tests)."""
 
 from setuptools import find_namespace_packages, setup
+
+TPU = "libtpu==0.0.42.1"
 
 setup(
     name="personalize_jax",
@@ -35,12 +38,17 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # The TPU runtime and compiler: the libtpu that jax 0.10.2 declares
+        # for its `tpu` extra. On a Cloud TPU VM it runs the chips; on any
+        # host it compiles for TPU topologies (benchmarks/tpu_compile.py).
+        "tpu": [TPU],
         "test": [
             "pytest",
             "pytest-xdist",
             "torch==2.13.0",  # the CPU build; a bare `torch` pulls CUDA wheels
             "diffusers==0.42.1",
             "tensorboard",  # reads our event files back in tests; no TensorFlow
+            TPU,  # tests/test_tpu_compile.py compiles for a TPU topology
         ],
     },
 )

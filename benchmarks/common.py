@@ -68,29 +68,9 @@ SMALL_UNET = {
     "block_out_channels": [64, 128, 192], "layers_per_block": 2,
     "attention_head_dim": 8, "cross_attention_dim": 256, "norm_num_groups": 32,
 }
-# unet/config.json of CompVis/stable-diffusion-v1-4 (859,520,964 parameters).
-SD14_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
-}
-# text_encoder/config.json of SD 1.4 (CLIP ViT-L/14 text, 123,060,480).
-SD14_TEXT = {"vocab_size": 49408, "hidden_size": 768,
-             "intermediate_size": 3072, "num_hidden_layers": 12,
-             "num_attention_heads": 12, "max_position_embeddings": 77,
-             "hidden_act": "quick_gelu", "projection_dim": 768}
-# vae/config.json of SD 1.4 (83,653,863).
-SD14_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
-    "sample_size": 512, "scaling_factor": 0.18215,
-}
+# The published SD 1.4 configs (models/presets.py).
+SD14_UNET, SD14_TEXT, SD14_VAE = (presets.SD14_UNET, presets.SD14_TEXT,
+                                  presets.SD_VAE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +79,9 @@ class Shape:
   name: str
   unet: dict  # U-Net config.json values.
   resolution: int  # image side in pixels (latents are 1/8 of it).
-  full_size: bool  # SD 1.4's modules: built abstractly, never materialised.
+  full_size: bool  # published modules: built abstractly, never materialised.
+  text: dict = dataclasses.field(default_factory=lambda: SD14_TEXT)
+  vae: dict = dataclasses.field(default_factory=lambda: SD14_VAE)
 
 
 SHAPES = {
@@ -108,6 +90,33 @@ SHAPES = {
     "sd14-256": Shape("sd14-256", SD14_UNET, 256, True),
     "sd14-512": Shape("sd14-512", SD14_UNET, 512, True),
 }
+
+
+def shape_of(config) -> Shape:
+  """The shape a recipe trains: its model's published (or local) configs.
+
+  ``tiny`` is the tiny preset; a Hub id of ``presets.PUBLISHED`` or a local
+  diffusers folder (its ``config.json`` files are read, never its weights)
+  gives full-size abstract modules at ``config.data.resolution``.
+  """
+  name = config.model.pretrained
+  resolution = config.data.resolution
+  if name == presets.TINY:
+    return Shape("tiny", presets.UNET, resolution, False)
+  if name in presets.PUBLISHED:
+    published = presets.PUBLISHED[name]
+    return Shape(f"{name.split('/')[-1]}@{resolution}", published["unet"],
+                 resolution, True, published["text_encoder"],
+                 published["vae"])
+  folder = Path(name)
+  if (folder / "unet" / "config.json").is_file():
+    read = lambda part: json.loads((folder / part / "config.json").read_text())
+    return Shape(f"{folder.name}@{resolution}", read("unet"), resolution, True,
+                 read("text_encoder"), read("vae"))
+  raise SystemExit(
+      f"config.model.pretrained={name!r}: no published config is known for it "
+      f"and it is not a local diffusers folder; use one of "
+      f"{', '.join(presets.PUBLISHED)}, a folder, or tiny")
 
 
 def parse_list(text: str, valid: Iterable[str] | None = None) -> list[str]:
@@ -194,7 +203,7 @@ def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
 
 
 def full_size(module: nnx.Module, shape: Shape, config) -> nnx.Module:
-  """An abstract SD 1.4-sized twin of a stand-in U-Net/VAE/text encoder.
+  """An abstract full-size twin of a stand-in U-Net/VAE/text encoder.
 
   Other modules (a critic, DINO) are returned as they are. A text encoder
   keeps its vocabulary size (Custom Diffusion adds a token).
@@ -206,13 +215,20 @@ def full_size(module: nnx.Module, shape: Shape, config) -> nnx.Module:
     cls, cfg = UNet2DConditionModel, UNet2DConditionConfig.from_dict(shape.unet)
   elif isinstance(module, CLIPTextModel):
     cls, cfg = CLIPTextModel, CLIPTextConfig.from_dict(
-        dict(SD14_TEXT, vocab_size=module.config.vocab_size))
+        dict(shape.text, vocab_size=module.config.vocab_size))
   elif isinstance(module, AutoencoderKL):
-    cls, cfg = AutoencoderKL, AutoencoderKLConfig.from_dict(SD14_VAE)
+    cls, cfg = AutoencoderKL, AutoencoderKLConfig.from_dict(shape.vae)
   else:
     return module
   return nnx.eval_shape(
       lambda: cls(cfg, rngs=checkpoint.shape_only_rngs(), **kw))
+
+
+def set_attention(module: nnx.Module, impl: str) -> None:
+  """Sets the attention implementation of every attention layer of a module."""
+  for _, sub in nnx.iter_modules(module):
+    if hasattr(sub, "attention_impl"):
+      sub.attention_impl = impl
 
 
 def count_params(modules: dict[str, nnx.Module], names: Iterable[str]) -> int:
@@ -258,27 +274,45 @@ def _abstract_host(tree, target: NamedSharding):
 
 
 def abstract_trainer(config, workdir: Path, shape: Shape,
-                     pipeline: StableDiffusion | None = None) -> Built:
+                     pipeline: StableDiffusion | None = None,
+                     devices=None) -> Built:
   """The engine's trainer with SD-sized abstract modules: nothing materialised.
 
   Mirrors ``train.build_trainer`` (``tests/test_benchmarks.py`` checks that
   both give the same shapes, dtypes and shardings): prepares the method on the
   stand-in pipeline, swaps its modules for ``full_size`` twins, builds the
   optimizer, the state's layout and the jitted step the same way.
+
+  Args:
+    config: the recipe.
+    workdir: where the method caches its prepared data.
+    shape: the models' shape.
+    pipeline: the stand-in models; made from ``shape`` if None.
+    devices: the devices of the step's mesh; ``jax.devices()`` if None.
+      Compile-only devices (a TPU topology on a CPU host) work: the method's
+      data is then prepared on the host's devices and only the step's
+      (abstract) inputs are laid out on these.
   """
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  host_mesh = mesh if devices is None else sharding.create_mesh(-1, 1)
   dtype = train.compute_dtype(config)
-  pipeline = pipeline or stand_in_pipeline(shape, config.mixed_precision,
-                                           config.seed,
-                                           config.model.attention_impl)
-  method = train.method_class(config.method)(base.Context(
-      config=config, workdir=workdir, pipeline=pipeline, mesh=mesh))
+  # The data is prepared on the host: with an attention it can run there
+  # (the step's modules get the recipe's below).
+  pipeline = pipeline or stand_in_pipeline(
+      shape, config.mixed_precision, config.seed,
+      config.model.attention_impl if devices is None else "auto")
+  ctx = base.Context(config=config, workdir=workdir, pipeline=pipeline,
+                     mesh=host_mesh)
+  method = train.method_class(config.method)(ctx)
   method.prepare()
+  ctx.mesh = mesh
   params, frozen_states, sized = {}, {}, {}
   for target, modules in ((params, method.trainable_modules()),
                           (frozen_states, method.frozen_modules())):
     for name, module in modules.items():
       sized[name] = full_size(module, shape, config) if shape.full_size else module
+      if devices is not None:
+        set_attention(sized[name], config.model.attention_impl)
       method.graphdefs[name], state = nnx.split(sized[name])
       target[name] = jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -328,6 +362,39 @@ def engine_trainer(config, workdir: Path, shape: Shape) -> Built:
                mesh=trainer.mesh, state=trainer.state, frozen=trainer.frozen,
                train_step=trainer.train_step, abstract=False,
                unet_params=unet_params)
+
+
+def lower_validation(built: Built, batch: int) -> dict:
+  """The validation programs of ``engine.evaluate``, lowered abstractly.
+
+  ``{"ddim": ..., "decode": ...}``: the DDIM scan with classifier-free
+  guidance on the trained U-Net's parameters (laid out as the train state
+  holds them) and the VAE decode, both on ``batch`` images split over the
+  mesh as ``diffusion.generate(batch_sharding=...)`` splits them.
+  """
+  config, shape, mesh = built.config, built.shape, built.mesh
+  pipe = built.method.ctx.pipeline
+  side = shape.resolution // 8
+  width = shape.unet["cross_attention_dim"]
+  replicated = sharding.replicated(mesh)
+  spread = sharding.batch_sharding(mesh)
+  sds = lambda s, dt=jnp.float32, where=replicated: jax.ShapeDtypeStruct(
+      s, dt, sharding=where)
+  steps = config.eval.num_inference_steps
+  ddim = diffusion._ddim_loop.lower(  # pylint: disable=protected-access
+      built.method.graphdefs["unet"], built.state.params["unet"],
+      pipe.schedule, sds((batch, side, side, 4), where=spread),
+      sds((batch, 77, width), where=spread), sds((batch, 77, width)),
+      sds((steps,), jnp.int32), config.eval.guidance_scale, 0.0, None,
+      num_inference_steps=steps, split=diffusion.batch_split(spread))
+  vae = full_size(pipe.vae, shape, config) if shape.full_size else pipe.vae
+  vae_def, vae_state = nnx.split(vae)
+  vae_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, jnp.float32, sharding=replicated), vae_state)
+  decode = diffusion._decode_to_uint8.lower(  # pylint: disable=protected-access
+      vae_def, vae_state, sds((batch, side, side, 4), where=spread),
+      pipe.vae.scaling_factor, split=diffusion.batch_split(spread))
+  return {"ddim": ddim, "decode": decode}
 
 
 def abstract_batch(method: base.Method, mesh) -> dict:

@@ -117,28 +117,9 @@ def run_scenario(name: str, args) -> list[dict]:
   resident = sum(residents.values())
 
   # Validation: DDIM with guidance, then the VAE decode, as engine.evaluate.
-  unet_def = built.method.graphdefs["unet"]
-  params = built.state.params["unet"]
   batch_eval = max(scenario.devices, len(config.eval.prompts))
-  side = shape.resolution // 8
-  width = shape.unet["cross_attention_dim"]
-  replicated = sharding.replicated(mesh)
-  spread = sharding.batch_sharding(mesh)  # generate(batch_sharding=...)
-  sds = lambda s, dt=jnp.float32, where=replicated: jax.ShapeDtypeStruct(
-      s, dt, sharding=where)
-  schedule = pipe.schedule
-  steps = config.eval.num_inference_steps
-  ddim = diffusion._ddim_loop.lower(  # pylint: disable=protected-access
-      unet_def, params, schedule, sds((batch_eval, side, side, 4), where=spread),
-      sds((batch_eval, 77, width), where=spread), sds((batch_eval, 77, width)),
-      sds((steps,), jnp.int32), 7.5, 0.0, None,
-      num_inference_steps=steps).compile()
-  vae_def, vae_state = nnx.split(sized(pipe.vae))
-  vae_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, jnp.float32, sharding=replicated), vae_state)
-  decode = diffusion._decode_to_uint8.lower(  # pylint: disable=protected-access
-      vae_def, vae_state, sds((batch_eval, side, side, 4), where=spread),
-      pipe.vae.scaling_factor).compile()
+  lowered = common.lower_validation(built, batch_eval)
+  ddim, decode = lowered["ddim"].compile(), lowered["decode"].compile()
   ddim_mem, decode_mem = (common.memory_report(ddim),
                           common.memory_report(decode))
   train_peak = step["peak"] + resident

@@ -6,8 +6,8 @@ set -euo pipefail
 
 PROG=$(basename "$0")
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# Kept equal to setup.py's pin (a test checks): jax[tpu] pulls the libtpu built
-# for this jax release.
+# Kept equal to setup.py's pin (a test checks); the package's `tpu` extra
+# pins the libtpu this jax release declares.
 JAX_VERSION=0.10.2
 # jax 0.10 needs Python >= 3.11; the TPU images ship Ubuntu 22.04's 3.10, so uv
 # brings its own interpreter into the venv.
@@ -193,7 +193,7 @@ if (( ! SKIP_SETUP )); then
     run "${tpu[@]}" scp "$tarball" "$NAME:personalize_jax-src.tar.gz" --worker=all "${where[@]}"
     fetch="mkdir -p $REMOTE_DIR && tar -xzf personalize_jax-src.tar.gz -C $REMOTE_DIR"
   fi
-  setup="set -e; export PATH=\"\$HOME/.local/bin:\$PATH\"; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; $fetch; uv venv -q --allow-existing --python $PYTHON_VERSION $REMOTE_DIR/.venv; uv pip install -q --python $REMOTE_DIR/.venv/bin/python -e ./$REMOTE_DIR 'jax[tpu]==$JAX_VERSION'"
+  setup="set -e; export PATH=\"\$HOME/.local/bin:\$PATH\"; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; $fetch; uv venv -q --allow-existing --python $PYTHON_VERSION $REMOTE_DIR/.venv; uv pip install -q --python $REMOTE_DIR/.venv/bin/python -e \"./$REMOTE_DIR[tpu]\" jax==$JAX_VERSION"
   if [[ -n $bucket ]]; then
     setup+="; command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
   fi

@@ -12,6 +12,7 @@ methods (``add_noise``, ``predict_x0``, ``training_target``, ``ddim_step``)
 traced there. ``ddim_sample`` runs the whole DDIM loop as one ``lax.scan``.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from personalize_jax.errors import UserError
-from personalize_jax.models import checkpoint, presets
+from personalize_jax.models import checkpoint, layers, presets
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -295,7 +296,9 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
                 num_inference_steps: int = 50,
                 guidance_scale: float | jax.Array = 7.5,
                 eta: float | jax.Array = 0.0,
-                rng: jax.Array | None = None) -> jax.Array:
+                rng: jax.Array | None = None,
+                batch_sharding: jax.sharding.Sharding | None = None
+                ) -> jax.Array:
   """Runs DDIM from pure-noise latents to clean latents (one jitted scan).
 
   Matches diffusers' ``StableDiffusionPipeline`` with a ``DDIMScheduler`` step
@@ -321,6 +324,9 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
     eta: DDIM stochasticity; nonzero needs ``rng``.
     rng: a PRNG key; step ``i`` draws its noise from
       ``jax.random.fold_in(rng, i)``.
+    batch_sharding: the ``NamedSharding`` the batch is split with, if any: the
+      U-Net's activations follow it and kernels XLA cannot partition (Pallas
+      attention) run per device over its mesh.
 
   Returns:
     The final latents, shaped and typed like ``latents``.
@@ -336,16 +342,47 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
   timesteps = jnp.asarray(schedule.ddim_timesteps(num_inference_steps))
   return _ddim_loop(model_def, model_state, schedule, latents, cond_emb,
                     uncond_emb, timesteps, guidance_scale, eta, rng,
-                    num_inference_steps=num_inference_steps)
+                    num_inference_steps=num_inference_steps,
+                    split=batch_split(batch_sharding))
+
+
+def batch_split(batch_sharding) -> tuple | None:
+  """``(mesh, axes)`` a ``NamedSharding`` splits the batch over; None if not one.
+
+  A static argument of the jitted samplers, so that a program traced for one
+  mesh (or none) is never reused for another.
+  """
+  if not isinstance(batch_sharding, jax.sharding.NamedSharding):
+    return None
+  axes = batch_sharding.spec[0] if batch_sharding.spec else None
+  if axes is None:
+    return None
+  return batch_sharding.mesh, (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _activations_split(split):
+  return (contextlib.nullcontext() if split is None
+          else layers.batch_sharded_activations(*split))
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("model_def", "num_inference_steps"))
+                   static_argnames=("model_def", "num_inference_steps",
+                                    "split"))
 def _ddim_loop(model_def: Any, model_state: Any, schedule: NoiseSchedule,
                latents: jax.Array, cond_emb: jax.Array,
                uncond_emb: jax.Array | None, timesteps: jax.Array,
                guidance_scale: jax.Array, eta: jax.Array,
-               rng: jax.Array | None, *, num_inference_steps: int) -> jax.Array:
+               rng: jax.Array | None, *, num_inference_steps: int,
+               split: tuple | None = None) -> jax.Array:
+  with _activations_split(split):
+    return _ddim_scan(model_def, model_state, schedule, latents, cond_emb,
+                      uncond_emb, timesteps, guidance_scale, eta, rng,
+                      num_inference_steps)
+
+
+def _ddim_scan(model_def, model_state, schedule, latents, cond_emb,
+               uncond_emb, timesteps, guidance_scale, eta, rng,
+               num_inference_steps):
   unet = model_def if model_state is None else nnx.merge(model_def, model_state)
   guided = uncond_emb is not None
   emb = jnp.concatenate([uncond_emb, cond_emb]) if guided else cond_emb
@@ -376,10 +413,18 @@ def _encode_text(model_def: Any, model_state: Any, ids_bt: jax.Array):
   return nnx.merge(model_def, model_state)(ids_bt)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def",))
+def decode_to_uint8(model_def: Any, model_state: Any, latents: jax.Array,
+                    scaling_factor: float, batch_sharding=None) -> jax.Array:
+  """VAE-decoded ``uint8`` images of latents (one jitted call)."""
+  return _decode_to_uint8(model_def, model_state, latents, scaling_factor,
+                          split=batch_split(batch_sharding))
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "split"))
 def _decode_to_uint8(model_def: Any, model_state: Any, latents: jax.Array,
-                     scaling_factor: float) -> jax.Array:
-  images = nnx.merge(model_def, model_state).decode(latents / scaling_factor)
+                     scaling_factor: float, split=None) -> jax.Array:
+  with _activations_split(split):
+    images = nnx.merge(model_def, model_state).decode(latents / scaling_factor)
   images = (images.astype(jnp.float32) + 1.0) * 127.5
   return jnp.clip(jnp.round(images), 0, 255).astype(jnp.uint8)
 
@@ -465,8 +510,12 @@ def generate(pipeline: Any, prompts: str | list[str], *,
     step_rng = jax.random.fold_in(rng, 2**30 + start) if eta else None
     latents = ddim_sample(pipeline.unet, pipeline.schedule, latents, cond,
                           uncond, num_inference_steps, guidance_scale, eta,
-                          step_rng)
-    images = _decode_to_uint8(vae_def, vae_state, latents,
-                              pipeline.vae.scaling_factor)
+                          step_rng, batch_sharding=batch_sharding)
+    images = decode_to_uint8(vae_def, vae_state, latents,
+                             pipeline.vae.scaling_factor, batch_sharding)
+    if not images.is_fully_addressable:
+      # On several processes (a pod) each holds only its devices' rows.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      images = multihost_utils.process_allgather(images, tiled=True)
     out.append(np.asarray(images)[:len(batch)])
   return np.concatenate(out)

@@ -8,11 +8,19 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the TPU compiler of tests/test_tpu_compile.py) takes a lock file
+# that would keep a second test worker from loading it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # Shared test helpers (``recipes``) import by name from any test folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: runs whole trainings in subprocesses (minutes on CPU)")
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,8 @@ def test_tpu_single_host_dry_run():
       "--zone=us-central2-b --project=my-proj")
   ssh = [l for l in lines if " ssh personalize-jax --worker=all" in l]
   assert len(ssh) == 2  # setup, run
-  assert "'jax[tpu]==0.10.2'" in ssh[0]
+  # The package's tpu extra brings the libtpu that setup.py pins.
+  assert '-e "./personalize_jax[tpu]" jax==0.10.2' in ssh[0]
   assert (f"python -m personalize_jax.main --config={CONFIG} "
           "--workdir=runs/dreambooth_tpu'") in ssh[1]
   assert "--distributed" not in ssh[1]

@@ -132,8 +132,12 @@ def batch_sharded_activations(mesh, axes: Sequence[str]):
     _BATCH_SHARDING.reset(token)
 
 
-def _batch_split():
-  """``(mesh, axes, devices along them)`` inside the context, else None."""
+def batch_split():
+  """``(mesh, axes, devices along them)`` inside the context, else None.
+
+  Kernels that XLA cannot partition (Pallas) run under ``shard_map`` over
+  this mesh; ``attention_impl="auto"`` reads the platform from its devices.
+  """
   spec = _BATCH_SHARDING.get()
   if spec is None:
     return None
@@ -147,7 +151,7 @@ def _batch_split():
 def constrain_batch(x: jax.Array) -> jax.Array:
   """``x`` with its leading axis split over the batch axes, when inside
   ``batch_sharded_activations`` and the batch divides; otherwise ``x``."""
-  split = _batch_split()
+  split = batch_split()
   if split is None or split[2] == 1 or x.shape[0] % split[2]:
     return x
   mesh, axes, _ = split
@@ -157,7 +161,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 def local_batch(batch: int) -> int:
   """Rows of a batch of ``batch`` that one device holds under the constraint."""
-  split = _batch_split()
+  split = batch_split()
   if split is None or batch % split[2]:
     return batch
   return batch // split[2]

@@ -150,3 +150,56 @@ DINO_PROCESSOR = {
     "image_std": [0.229, 0.224, 0.225],
     "resample": 2,
 }
+
+# ------------------------------------------------ published configurations
+# The config.json values of the published Stable Diffusion checkpoints, for
+# building their shapes without a download (abstract models: ahead-of-time
+# compiles and memory reports). Loading a checkpoint reads its own files.
+
+_SD_UNET_BLOCKS = {
+    "_class_name": "UNet2DConditionModel",
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "in_channels": 4, "out_channels": 4, "norm_num_groups": 32,
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+}
+# SD 1.x: CLIP ViT-L/14 text (768 wide), one head count, conv projections.
+SD14_UNET = dict(_SD_UNET_BLOCKS, sample_size=64, attention_head_dim=8,
+                 cross_attention_dim=768)
+# SD 2.x: OpenCLIP ViT-H/14 text (1024 wide), 64-wide heads, linear projections.
+SD21_BASE_UNET = dict(_SD_UNET_BLOCKS, sample_size=64,
+                      attention_head_dim=[5, 10, 20, 20],
+                      cross_attention_dim=1024, use_linear_projection=True)
+SD21_UNET = dict(SD21_BASE_UNET, sample_size=96, upcast_attention=True)
+
+SD14_TEXT = {"vocab_size": 49408, "hidden_size": 768,
+             "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77,
+             "hidden_act": "quick_gelu", "projection_dim": 768}
+SD21_TEXT = {"vocab_size": 49408, "hidden_size": 1024,
+             "intermediate_size": 4096, "num_hidden_layers": 23,
+             "num_attention_heads": 16, "max_position_embeddings": 77,
+             "hidden_act": "gelu", "projection_dim": 512}
+# The VAE of every SD 1.x/2.x checkpoint (83,653,863 parameters).
+SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+
+# Hub id -> {"unet", "text_encoder", "vae"} configs.
+PUBLISHED = {
+    "CompVis/stable-diffusion-v1-4": {
+        "unet": SD14_UNET, "text_encoder": SD14_TEXT, "vae": SD_VAE},
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": {
+        "unet": SD14_UNET, "text_encoder": SD14_TEXT, "vae": SD_VAE},
+    "stabilityai/stable-diffusion-2-1-base": {
+        "unet": SD21_BASE_UNET, "text_encoder": SD21_TEXT, "vae": SD_VAE},
+    "stabilityai/stable-diffusion-2-1": {
+        "unet": SD21_UNET, "text_encoder": SD21_TEXT,
+        "vae": dict(SD_VAE, sample_size=768)},
+}

@@ -82,3 +82,99 @@ def test_auto_is_chunked_on_cpu_and_unknown_names_fail():
   assert attention.resolve_impl("xla", jnp.float32) == "xla"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     attention.resolve_impl("flash", jnp.float32)
+
+
+# ------------------------------------------------- pallas (TPU interpret mode)
+# The Pallas TPU kernel runs on the CPU in TPU interpret mode, so what our
+# wrapper adds (padding to the kernel's 128 blocks, masking padded keys,
+# zero-padded wide heads, shard_map over the mesh) is checked numerically
+# against the xla path, values and gradients.
+
+
+def _pallas_vs_xla(q_shape, k_len, causal, mesh=None):
+  """Max relative error of pallas against xla (value and the 3 gradients)."""
+  import jax.experimental.pallas.tpu as pltpu  # pylint: disable=g-import-not-at-top
+  from personalize_jax.engine import sharding  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models import layers  # pylint: disable=g-import-not-at-top
+  b, _, h, d = q_shape
+  q, k, v = _qkv(b=b, q_len=q_shape[1], k_len=k_len, h=h, d=d)
+
+  def grads(impl):
+    def loss(q, k, v):
+      out = attention.dot_product_attention(q, k, v, impl=impl, causal=causal)
+      return jnp.sum(jnp.sin(out))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+  ref = grads("xla")(q, k, v)
+  with pltpu.force_tpu_interpret_mode():
+    if mesh is None:
+      ours = grads("pallas")(q, k, v)
+    else:
+      with layers.batch_sharded_activations(mesh, sharding.BATCH_AXES):
+        ours = grads("pallas")(q, k, v)
+  return max(float(jnp.max(jnp.abs(a - r)) / jnp.max(jnp.abs(r)))
+             for a, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)))
+
+
+@pytest.mark.parametrize("q_shape, k_len, causal", [
+    ((2, 64, 1, 40), 77, False),  # cross-attention: 77 keys padded to 128.
+    ((1, 77, 2, 64), 77, True),  # the text encoder: causal, padded.
+    ((1, 128, 1, 160), 256, False),  # SD 1.x's 160-wide heads -> 256.
+])
+def test_pallas_matches_xla_with_padding(q_shape, k_len, causal):
+  assert _pallas_vs_xla(q_shape, k_len, causal) < 1e-5
+
+
+PALLAS_ON_TWO_DEVICES = """
+import sys
+sys.path.insert(0, {tests!r})
+from models.test_attention import _pallas_vs_xla
+from personalize_jax.engine import sharding
+from personalize_jax.models import attention, layers
+mesh = sharding.create_mesh(-1, 1)
+assert mesh.size == 2
+with layers.batch_sharded_activations(mesh, sharding.BATCH_AXES):
+  spec = attention.pallas_partition_spec({q_shape}, layers.batch_split())
+print(tuple(spec), _pallas_vs_xla({q_shape}, 77, False, mesh))
+"""
+
+
+# One process per case, one grid point per device: TPU interpret mode
+# simulates the devices' memories per process, and on several devices it
+# stalls after one program, or on a kernel grid of more than one point.
+@pytest.mark.parametrize("q_shape, spec", [
+    ((2, 64, 1, 40), "(('data', 'fsdp'), None, None, None)"),  # by batch
+    ((1, 64, 2, 40), "(None, None, ('data', 'fsdp'), None)"),  # by heads
+    ((1, 64, 1, 40), "()"),  # neither divides: whole on each device
+])
+def test_pallas_under_shard_map_matches_xla_on_two_devices(q_shape, spec):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  tests = str(Path(__file__).resolve().parents[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run(
+      [sys.executable, "-c", PALLAS_ON_TWO_DEVICES.format(
+          tests=tests, q_shape=q_shape)],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got_spec, err = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+  assert got_spec == spec
+  assert float(err) < 1e-5
+
+
+def test_pallas_partition_spec_prefers_batch_then_heads():
+  from jax.sharding import AbstractMesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = AbstractMesh((2, 2), ("data", "fsdp"))
+  split = (mesh, ("data", "fsdp"), 4)
+  axes = ("data", "fsdp")
+  assert attention.pallas_partition_spec((8, 64, 3, 40), split) == P(
+      axes, None, None, None)
+  assert attention.pallas_partition_spec((2, 64, 8, 40), split) == P(
+      None, None, axes, None)
+  assert attention.pallas_partition_spec((2, 64, 3, 40), split) == P()
+  assert attention.pallas_partition_spec((8, 64, 3, 40), None) is None
+  assert attention.pallas_partition_spec(
+      (8, 64, 3, 40), (mesh, axes, 1)) is None

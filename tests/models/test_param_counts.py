@@ -12,29 +12,14 @@ import transformers
 from flax import nnx
 
 from personalize_jax.models import checkpoint
+from personalize_jax.models import presets
 from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 # The VAE of CompVis/stable-diffusion-v1-4 and stabilityai/stable-diffusion-2-1-base.
-SD_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu",
-    "sample_size": 512,
-}
+SD_VAE = presets.SD_VAE
 # text_encoder/config.json of SD 1.4 (CLIP ViT-L/14) and SD 2.1-base (OpenCLIP ViT-H/14).
-TEXT_ENCODERS = {
-    "sd-1.4": {"vocab_size": 49408, "hidden_size": 768,
-               "intermediate_size": 3072, "num_hidden_layers": 12,
-               "num_attention_heads": 12, "max_position_embeddings": 77,
-               "hidden_act": "quick_gelu", "projection_dim": 768},
-    "sd-2.1-base": {"vocab_size": 49408, "hidden_size": 1024,
-                    "intermediate_size": 4096, "num_hidden_layers": 23,
-                    "num_attention_heads": 16, "max_position_embeddings": 77,
-                    "hidden_act": "gelu", "projection_dim": 512},
-}
+TEXT_ENCODERS = {"sd-1.4": presets.SD14_TEXT, "sd-2.1-base": presets.SD21_TEXT}
 
 
 def _torch_count(build):

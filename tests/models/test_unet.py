@@ -282,3 +282,16 @@ def test_remat_works_on_a_frozen_model_called_inside_grad():
   assert np.abs(grads[False]).max() > 0
   np.testing.assert_allclose(grads[True], grads[False], rtol=1e-4,
                              atol=1e-6 * np.abs(grads[False]).max())
+
+
+@pytest.mark.parametrize("name", sorted(presets.PUBLISHED))
+def test_presets_of_published_unets_count_as_diffusers(name):
+  """``presets.PUBLISHED`` (used by the abstract benchmarks) builds each U-Net
+  diffusers builds from the same config.json values."""
+  config = {k: v for k, v in presets.PUBLISHED[name]["unet"].items()
+            if not k.startswith("_")}
+  assert (checkpoint.count_params(_abstract(config))
+          == _diffusers_count(config))
+  if name in PUBLISHED:
+    assert config == {k: v for k, v in PUBLISHED[name].items()
+                      if k in config}
