@@ -6,6 +6,10 @@
 
 Re-running the same command on the same workdir resumes from its last
 checkpoint. Errors in what you passed end in one line and exit code 2.
+
+Several hosts (a TPU pod slice) run the same command with --distributed on a
+workdir they all see; where JAX cannot find the others itself, each also gets
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import logging as std_logging
@@ -22,7 +26,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
-    "Call jax.distributed.initialize() first (multi-host TPU pods / GPU hosts).")
+    "Join a multi-process run first (jax.distributed.initialize): one process "
+    "per host of a TPU pod slice or GPU cluster.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "With --distributed: process 0's HOST:PORT (default: detected by JAX).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "With --distributed: how many processes the run has (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "With --distributed: this process's index, 0 to num_processes - 1 "
+    "(default: detected).")
 
 
 def _fail(message: str, code: int = 2):
@@ -68,9 +83,16 @@ def main(argv) -> None:
   except OSError as e:
     # config_flags defers a config file that failed to load to first use.
     _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
-  import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from personalize_jax.engine import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.check_flags(_DISTRIBUTED.value, _COORDINATOR.value,
+                            _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                             _PROCESS_ID.value)
+  except UserError as e:
+    _fail(str(e))
+  # Imported after joining: no device may be touched before that.
   from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -83,6 +105,8 @@ def main(argv) -> None:
           "checkpoint is saved: run the same command again to resume")
     return
   logging.info("done: %d steps in %s", summary.steps, summary.workdir)
+  if not distributed.is_chief():
+    return  # the summary reads files process 0 writes.
   print(summary_text(summary, _CONFIG.value,
                      config_flags.get_config_filename(flags.FLAGS["config"])))
 

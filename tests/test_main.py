@@ -33,6 +33,17 @@ CASES = {
                         "unknown variant 'huge'"),
     "missing_config_file": (["--config=configs/nope.py"], 1, "configs/nope.py"),
     "no_config": ([], 1, "--config"),
+    "process_id_alone": ([TINY, "--process_id=1"], 1,
+                         "--process_id only applies to a multi-process run"),
+    "process_id_too_large": ([TINY, "--distributed", "--num_processes=2",
+                              "--process_id=2",
+                              "--coordinator_address=127.0.0.1:1234"], 1,
+                             "--process_id=2 is invalid for --num_processes=2"),
+    "address_without_port": ([TINY, "--distributed", "--num_processes=2",
+                              "--process_id=0",
+                              "--coordinator_address=127.0.0.1"], 1,
+                             "--coordinator_address='127.0.0.1' is not "
+                             "HOST:PORT"),
 }
 
 

@@ -99,6 +99,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # one to three TPU compiles of a few minutes each
 @pytest.mark.parametrize("recipe, impl, fsdp, functions", CASES,
                          ids=[c[0] for c in CASES])
 def test_tiny_recipes_compile_for_v5e_with_pallas(recipe, impl, fsdp,

@@ -21,6 +21,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from personalize_jax.errors import CheckpointError, UserError
@@ -77,7 +78,9 @@ class CheckpointManager:
     self._pending_step = None
 
   def _remove_trash(self) -> None:
-    shutil.rmtree(self.directory / TRASH_DIR, ignore_errors=True)
+    # Orbax moves old steps in here from process 0 only, so only it removes.
+    if jax.process_index() == 0:
+      shutil.rmtree(self.directory / TRASH_DIR, ignore_errors=True)
 
   def _fail(self, step: int, error: BaseException) -> None:
     """Turns a write error into a one-line ``UserError`` when the disk is full.

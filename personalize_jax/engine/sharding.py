@@ -110,6 +110,25 @@ def sharded_fraction(state: nnx.State, shardings) -> float:
   return split / max(total, 1)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put`` of values every process holds whole (a prefix tree).
+
+  On several processes ``device_put`` onto devices of other processes first
+  checks that each leaf is equal everywhere, one collective program per leaf;
+  here each process instead cuts out the pieces its own devices hold.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def place(x, target):
+    return jax.make_array_from_callback(np.shape(x), target,
+                                        lambda index: x[index])
+
+  return jax.tree.map(
+      lambda target, subtree: jax.tree.map(lambda x: place(x, target),
+                                           subtree), shardings, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split along their leading axis over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -42,7 +42,7 @@ def place_params(params, mesh: Mesh, dtype=None):
     params = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
         else x, params)
-  return jax.device_put(params, sharding.state_shardings(params, mesh))
+  return sharding.put(params, sharding.state_shardings(params, mesh))
 
 
 def create_train_state(params, tx: optax.GradientTransformation, seed: int,
@@ -57,11 +57,10 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
   opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params,
                                       mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  replicated = sharding.replicated(mesh)
-  return TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-      params=params, opt_state=opt_state,
-      rng=jax.device_put(jax.random.key(seed), replicated))
+  # Made by a program over the mesh, as a key cannot be cut out on the host.
+  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)),
+                      out_shardings=sharding.replicated(mesh))()
+  return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
 def opt_state_shardings(abstract_opt_state, params, mesh: Mesh):

@@ -4,6 +4,7 @@ Sections: config -> run directory -> mesh -> models -> method data -> state
 -> checkpoint -> loop (step, log, samples, checkpoint, preemption) -> export.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -22,7 +23,7 @@ from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import checkpoints, metrics as metrics_lib
 from personalize_jax.engine import config as config_lib
-from personalize_jax.engine import final_eval
+from personalize_jax.engine import distributed, final_eval
 from personalize_jax.engine import optim, rundir, sharding, state as state_lib
 from personalize_jax.errors import UserError
 from personalize_jax.methods import base
@@ -74,17 +75,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   preflight(config)
   final_eval.check_models(config)
   workdir = base.workdir_path(workdir)
-  if not is_chief():
+  with contextlib.ExitStack() as stack:
     # On a pod every process trains; process 0 alone owns the run directory
     # (lock, config.json, metrics, grids, export). Orbax coordinates the
     # checkpoint writes of all processes itself.
-    return _finish(config, workdir, _run(config, workdir))
-  # Refused before the lock is taken: a refusal leaves the workdir untouched.
-  rundir.check_config(workdir, config, overwrite=config.overwrite,
-                      ignore=RESUMABLE_CHANGES)
-  with rundir.WorkdirLock(workdir):
-    rundir.check_or_write_config(workdir, config, overwrite=config.overwrite,
-                                 ignore=RESUMABLE_CHANGES)
+    refusal = None
+    if is_chief():
+      try:
+        # Refused before the lock is taken: a refusal leaves the workdir
+        # untouched.
+        rundir.check_config(workdir, config, overwrite=config.overwrite,
+                            ignore=RESUMABLE_CHANGES)
+        stack.enter_context(rundir.WorkdirLock(workdir))
+        rundir.check_or_write_config(workdir, config,
+                                     overwrite=config.overwrite,
+                                     ignore=RESUMABLE_CHANGES)
+      except UserError as e:
+        refusal = e
+    # The others would otherwise wait forever for process 0 in the first
+    # computation over all devices.
+    if not distributed.chief_succeeded(refusal is None):
+      raise refusal or UserError(
+          "process 0 refused the run directory; its error line says why")
     return _finish(config, workdir, _run(config, workdir))
 
 
@@ -101,8 +113,7 @@ def _finish(config, workdir: Path, summary: Summary) -> Summary:
   return summary
 
 
-def is_chief() -> bool:
-  return jax.process_index() == 0
+is_chief = distributed.is_chief
 
 
 def preflight(config) -> None:
@@ -190,8 +201,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
   frozen_dtype = dtype if config.mixed_precision == "bf16" else None
   frozen = {
       "modules": state_lib.place_params(frozen_states, mesh, frozen_dtype),
-      "constants": jax.device_put(method.constants(),
-                                  sharding.replicated(mesh)),
+      "constants": sharding.put(method.constants(),
+                                sharding.replicated(mesh)),
   }
   logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
                100 * sharding.sharded_fraction(
@@ -271,14 +282,15 @@ def _run(config, workdir: Path) -> Summary:
             best.write(workdir)
         window_start = time.perf_counter()
       bar.update(1)
-      stop = preemption.stop_requested
+      # A signal reaches each host at its own moment; all stop at one step.
+      stop = distributed.any_process(preemption.stop_requested)
       early = best.exhausted
       if (done % config.checkpoint_every_steps == 0 or last_step or stop
           or early):
         manager.save(done, state, {"step": done, "data_position": done,
                                    **best.state()})
       if stop:
-        stopped_by = preemption.signal_name
+        stopped_by = preemption.signal_name or "a signal to another process"
         break
       if early:
         logging.info("early stopping at step %d: no better %s for %d "
@@ -376,13 +388,15 @@ def export(method, pipeline, params, workdir: Path, config) -> Path:
   # process can read a sharded one), and process 0 writes them.
   params = jax.jit(lambda p: p, out_shardings=sharding.replicated(
       method.ctx.mesh))(params)
-  if not is_chief():
-    return folder
-  trained = with_params(method, pipeline, params)
-  trained.save_pretrained(folder)
-  # Not config.json: that name belongs to the components in diffusers layouts.
-  rundir.atomic_write_text(folder / "train_config.json",
-                           json.dumps(config.to_dict(), indent=2,
-                                      sort_keys=True, default=str) + "\n")
-  logging.info("exported the fine-tuned pipeline to %s", folder)
+  if is_chief():
+    trained = with_params(method, pipeline, params)
+    trained.save_pretrained(folder)
+    # Not config.json: that name belongs to the components in diffusers
+    # layouts.
+    rundir.atomic_write_text(folder / "train_config.json",
+                             json.dumps(config.to_dict(), indent=2,
+                                        sort_keys=True, default=str) + "\n")
+    logging.info("exported the fine-tuned pipeline to %s", folder)
+  # The final evaluation of every process reads the export.
+  distributed.barrier("export")
   return folder

@@ -24,6 +24,7 @@ evaluations without improvement).
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +39,7 @@ from jax.sharding import Mesh
 from personalize_jax import diffusion
 from personalize_jax.data import demo_subject, images as images_lib
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.engine import rundir, sharding
+from personalize_jax.engine import distributed, rundir, sharding
 
 
 @dataclasses.dataclass
@@ -132,8 +133,13 @@ class Method:
     folder = data.instance_dir
     if not folder:
       folder = self.ctx.workdir / "instance_images"
-      if not folder.is_dir():
-        demo_subject.write_demo_subject(folder, seed=self.config.seed)
+      if distributed.is_chief() and not folder.is_dir():
+        # Drawn beside it and renamed: a killed run leaves no partial folder.
+        drawing = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(drawing, ignore_errors=True)
+        demo_subject.write_demo_subject(drawing, seed=self.config.seed)
+        drawing.rename(folder)
+      distributed.barrier("demo_subject")
     images, _ = images_lib.load_instance_images(
         folder, min_side=data.min_image_side,
         skip_bad_images=data.skip_bad_images, warn=logging.warning)
@@ -181,11 +187,18 @@ def _encode(graphdef, state, pixels):
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
-  """Loads ``path`` (.npz) if present, else computes, saves atomically, returns."""
+  """Loads ``path`` (.npz) if present, else computes, saves atomically, returns.
+
+  On several processes each one that finds no file computes the values itself
+  (they are the same everywhere) and only process 0 writes them; ``compute``
+  must therefore not run anything over the devices of other processes.
+  """
   if path.is_file():
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
   values = compute()
+  if not distributed.is_chief():
+    return values
   import io  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   np.savez(buffer, **values)

@@ -7,6 +7,7 @@ diffusers' ``train_dreambooth.py``: epsilon (or v) targets, timesteps uniform
 over the training schedule, VAE latents sampled from the posterior each step.
 """
 
+import io
 from pathlib import Path
 
 import jax
@@ -20,6 +21,7 @@ from PIL import Image
 from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
 from personalize_jax.data import prompts as prompts_lib
+from personalize_jax.engine import distributed, rundir
 from personalize_jax.methods import base
 from personalize_jax.models import tokenizer as tokenizer_lib
 
@@ -76,9 +78,11 @@ class DreamBooth(base.Method):
     """Class images from disk, generating the missing ones with the base model."""
     cfg = self.config.dreambooth
     folder = Path(cfg.class_images_dir or self.ctx.workdir / "class_images")
-    folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("class_*.png"))
     missing = cfg.num_class_images - len(have)
+    # Every process has counted before process 0 writes: they all take part
+    # in generating, or none does.
+    distributed.barrier("class_images_counted")
     if missing > 0:
       logging.info("generating %d class images for %r", missing, class_prompt)
       images = diffusion.generate(
@@ -89,8 +93,15 @@ class DreamBooth(base.Method):
           resolution=self.config.data.resolution,
           batch_size=max(len(self.ctx.mesh.devices.flat), 4), progress=True,
           batch_sharding=self.ctx.batch_sharding)
-      for i, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"class_{len(have) + i:05d}.png")
+      if distributed.is_chief():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+          buffer = io.BytesIO()
+          Image.fromarray(image).save(buffer, format="PNG")
+          # Atomic: a killed run leaves no cut-off image to count as done.
+          rundir.atomic_write_bytes(folder / f"class_{len(have) + i:05d}.png",
+                                    buffer.getvalue())
+      distributed.barrier("class_images_written")
       have = sorted(folder.glob("class_*.png"))
     return [images_lib.load_image(p, min_side=1)
             for p in have[:cfg.num_class_images]]

@@ -52,7 +52,7 @@ from PIL import Image
 from personalize_jax import diffusion, rewards
 from personalize_jax.data import images as images_lib
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.engine import rundir
+from personalize_jax.engine import distributed, rundir
 from personalize_jax.errors import UserError
 from personalize_jax.methods import base
 from personalize_jax.models import tokenizer as tokenizer_lib
@@ -271,10 +271,12 @@ class RPO(base.Method):
     have = (manifest_path.is_file()
             and json.loads(manifest_path.read_text()) == manifest
             and all(p.is_file() for p in paths))
+    # Every process has looked before process 0 writes: they all take part
+    # in generating, or none does.
+    distributed.barrier("generated_images_checked")
     if not have:
       logging.info("generating %d images for %d training prompts",
                    len(paths), len(self.prompts))
-      folder.mkdir(parents=True, exist_ok=True)
       images = diffusion.generate(
           self.ctx.pipeline, [p for p in self.prompts for _ in range(n)],
           rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
@@ -283,11 +285,14 @@ class RPO(base.Method):
           resolution=cfg.data.resolution,
           batch_size=max(len(self.ctx.mesh.devices.flat), 8), progress=True,
           batch_sharding=self.ctx.batch_sharding)
-      for path, image in zip(paths, images):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        rundir.atomic_write_bytes(path, buffer.getvalue())
-      rundir.atomic_write_text(manifest_path, json.dumps(manifest) + "\n")
+      if distributed.is_chief():
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, image in zip(paths, images):
+          buffer = io.BytesIO()
+          Image.fromarray(image).save(buffer, format="PNG")
+          rundir.atomic_write_bytes(path, buffer.getvalue())
+        rundir.atomic_write_text(manifest_path, json.dumps(manifest) + "\n")
+      distributed.barrier("generated_images_written")
     return ([images_lib.load_image(p, min_side=1) for p in paths],
             _fingerprint(manifest))
 
