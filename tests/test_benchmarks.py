@@ -21,6 +21,9 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Whole trainings or benchmark scripts in subprocesses: minutes on CPU.
+pytestmark = pytest.mark.slow
+
 # Programs here run a few steps: less LLVM optimisation compiles faster.
 FAST_XLA = ("--xla_backend_optimization_level=0 "
             "--xla_llvm_disable_expensive_passes=true")

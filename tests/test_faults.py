@@ -37,6 +37,9 @@ from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.engine import sharding, state as state_lib
 from personalize_jax.errors import UserError
 
+# Whole trainings or benchmark scripts in subprocesses: minutes on CPU.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RUN = Path(__file__).with_name("_fault_run.py")
 NUM_STEPS = 3
