@@ -30,6 +30,7 @@ setup(
         "ml-collections==1.1.0",
         "transformers==5.23.0",  # tokenizers only; no model classes at run time
         "safetensors==0.8.0",
+        "tensorboardX==2.6.5",
         "huggingface-hub",
         "tensorflow-datasets==4.9.10",  # without TensorFlow: array_record + data_source
         "numpy",

@@ -39,17 +39,18 @@ from jax.sharding import NamedSharding
 from personalize_jax import diffusion
 from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import optim, sharding, state as state_lib
+from personalize_jax import methods
 from personalize_jax.engine import train
-from personalize_jax.methods import base
+from personalize_jax.engine.method import Context, Method
 from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from personalize_jax.models.pipeline import StableDiffusion, load_stable_diffusion
 from personalize_jax.models.tokenizer import load_tokenizer
 from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from personalize_jax.pipeline import StableDiffusion, load_stable_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("dreambooth", "custom_diffusion", "rpo", "lookforward")
+METHODS = methods.NAMES
 # The recipe each method is benchmarked with (its ``tiny`` variant prepares
 # the data; the shape, batch and precision are then set by the benchmark).
 RECIPES = {"dreambooth": "dreambooth_tpu.py",
@@ -132,7 +133,7 @@ def parse_list(text: str, valid: Iterable[str] | None = None) -> list[str]:
 def method_available(method: str) -> str | None:
   """None if ``method`` imports, else why not (methods are added over time)."""
   try:
-    train.method_class(method)
+    methods.get(method)
   except Exception as e:  # pylint: disable=broad-except
     return f"{type(e).__name__}: {e}"
   return None
@@ -244,7 +245,9 @@ class Built:
   """A method's jitted step with its inputs (arrays, or abstract ones)."""
   config: ml_collections.ConfigDict
   shape: Shape
-  method: base.Method
+  method: Method
+  pipeline: Any
+  unet_def: Any  # the graph of the trained U-Net the step runs
   mesh: Any
   state: Any
   frozen: Any
@@ -301,24 +304,34 @@ def abstract_trainer(config, workdir: Path, shape: Shape,
   pipeline = pipeline or stand_in_pipeline(
       shape, config.mixed_precision, config.seed,
       config.model.attention_impl if devices is None else "auto")
-  ctx = base.Context(config=config, workdir=workdir, pipeline=pipeline,
-                     mesh=host_mesh)
-  method = train.method_class(config.method)(ctx)
-  method.prepare()
-  ctx.mesh = mesh
-  params, frozen_states, sized = {}, {}, {}
-  for target, modules in ((params, method.trainable_modules()),
-                          (frozen_states, method.frozen_modules())):
-    for name, module in modules.items():
-      sized[name] = full_size(module, shape, config) if shape.full_size else module
+  sized = {}
+
+  def step_module(name, module):
+    # The step's twin of a prepared module: full size, the recipe's attention.
+    if name not in sized:
+      sized[name] = (full_size(module, shape, config) if shape.full_size
+                     else module)
       if devices is not None:
         set_attention(sized[name], config.model.attention_impl)
-      method.graphdefs[name], state = nnx.split(sized[name])
-      target[name] = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    return sized[name]
+
+  ctx = Context(config=config, workdir=workdir, pipeline=pipeline,
+                mesh=host_mesh, step_module=step_module)
+  config_lib.resolve(config, methods.get(config.method))
+  method = methods.get(config.method).build(ctx)
+  ctx.mesh = mesh
+  abstract = lambda module: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(module))
+  prepared_params, _ = train.split_trainable(config, method)
+  params = {name: abstract(step_module(name, method.trainable[name]))
+            for name in prepared_params}
+  frozen_states = {name: abstract(step_module(name, module))
+                   for name, module in {**method.trainable,
+                                        **method.frozen}.items()
+                   if name not in params}
   tx, schedule, labels = optim.make_optimizer(
-      config, params, extra=method.extra_optimizers(),
-      row_masks=method.row_masks())
+      config, params, extra=method.extra_optimizers,
+      row_masks=method.row_masks)
   params = _with_shardings(params, sharding.state_shardings(params, mesh))
   replicated = sharding.replicated(mesh)
   # As state.create_train_state: each moment laid out like its parameter.
@@ -339,15 +352,16 @@ def abstract_trainer(config, workdir: Path, shape: Shape,
   frozen = {
       "modules": _with_shardings(
           frozen_states, sharding.state_shardings(frozen_states, mesh)),
-      "constants": _abstract_host(method.constants(), replicated),
+      "constants": _abstract_host(dict(method.constants), replicated),
   }
   train_step = state_lib.make_train_step(
       method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
       state_shardings=state_lib.shardings_of(state),
       frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
       post_update=method.post_update)
-  return Built(config=config, shape=shape, method=method, mesh=mesh,
-               state=state, frozen=frozen, train_step=train_step,
+  return Built(config=config, shape=shape, method=method, pipeline=pipeline,
+               unet_def=nnx.graphdef(step_module("unet", pipeline.unet)),
+               mesh=mesh, state=state, frozen=frozen, train_step=train_step,
                abstract=True,
                unet_params=count_params(sized, ("unet",)))
 
@@ -357,8 +371,12 @@ def engine_trainer(config, workdir: Path, shape: Shape) -> Built:
   pipeline = stand_in_pipeline(shape, config.mixed_precision, config.seed,
                                config.model.attention_impl)
   unet_params = checkpoint.count_params(pipeline.unet)
-  trainer = train.build_trainer(config, workdir, pipeline=pipeline)
+  config_lib.resolve(config, methods.get(config.method))
+  trainer = train.build_trainer(config, workdir, methods.get(config.method),
+                                pipeline=pipeline)
   return Built(config=config, shape=shape, method=trainer.method,
+               pipeline=trainer.pipeline,
+               unet_def=nnx.graphdef(trainer.pipeline.unet),
                mesh=trainer.mesh, state=trainer.state, frozen=trainer.frozen,
                train_step=trainer.train_step, abstract=False,
                unet_params=unet_params)
@@ -373,7 +391,7 @@ def lower_validation(built: Built, batch: int) -> dict:
   mesh as ``diffusion.generate(batch_sharding=...)`` splits them.
   """
   config, shape, mesh = built.config, built.shape, built.mesh
-  pipe = built.method.ctx.pipeline
+  pipe = built.pipeline
   side = shape.resolution // 8
   width = shape.unet["cross_attention_dim"]
   replicated = sharding.replicated(mesh)
@@ -382,7 +400,7 @@ def lower_validation(built: Built, batch: int) -> dict:
       s, dt, sharding=where)
   steps = config.eval.num_inference_steps
   ddim = diffusion._ddim_loop.lower(  # pylint: disable=protected-access
-      built.method.graphdefs["unet"], built.state.params["unet"],
+      built.unet_def, built.state.params["unet"],
       pipe.schedule, sds((batch, side, side, 4), where=spread),
       sds((batch, 77, width), where=spread), sds((batch, 77, width)),
       sds((steps,), jnp.int32), config.eval.guidance_scale, 0.0, None,
@@ -397,7 +415,7 @@ def lower_validation(built: Built, batch: int) -> dict:
   return {"ddim": ddim, "decode": decode}
 
 
-def abstract_batch(method: base.Method, mesh) -> dict:
+def abstract_batch(method: Method, mesh) -> dict:
   return _abstract_host(method.batch(0), sharding.batch_sharding(mesh))
 
 

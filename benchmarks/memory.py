@@ -71,9 +71,8 @@ def run_scenario(name: str, args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
   import common
-  from personalize_jax import diffusion
+  from personalize_jax import rewards
   from personalize_jax.engine import sharding
   from personalize_jax.models import attention, checkpoint
   # pylint: enable=g-import-not-at-top
@@ -104,7 +103,7 @@ def run_scenario(name: str, args) -> list[dict]:
     return (common.full_size(module, shape, config) if shape.full_size
             else module)
 
-  pipe = built.method.ctx.pipeline
+  pipe = built.pipeline
   residents = {
       "vae_fp32": 4 * checkpoint.count_params(sized(pipe.vae)),
       "text_encoder_fp32": 4 * checkpoint.count_params(
@@ -113,7 +112,8 @@ def run_scenario(name: str, args) -> list[dict]:
   if args.method == "rpo":
     residents["reward_clip_b32_fp32"] = (
         4 * CLIP_B32_PARAMS if shape.full_size
-        else 4 * checkpoint.count_params(built.method.reward.clip))
+        else 4 * checkpoint.count_params(rewards.HarmonicReward.from_pretrained(
+            config.rpo.reward_model).clip))
   resident = sum(residents.values())
 
   # Validation: DDIM with guidance, then the VAE decode, as engine.evaluate.

@@ -35,10 +35,10 @@ import jax
 from flax import nnx
 
 import common
-from personalize_jax import diffusion
+from personalize_jax import diffusion, methods
 from personalize_jax.engine import checkpoints, config as config_lib
 from personalize_jax.engine import state as state_lib, train
-from personalize_jax.models.pipeline import StableDiffusion
+from personalize_jax.pipeline import StableDiffusion
 
 
 def sampling_pipeline(shape: common.Shape, precision: str) -> StableDiffusion:
@@ -146,7 +146,7 @@ def rpo_split(args) -> dict:
   if args.rpo_steps:
     config.num_steps = args.rpo_steps
     config.eval_every_steps = min(config.eval_every_steps, args.rpo_steps)
-  rpo_cls = train.method_class("rpo")
+  rpo = methods.get("rpo")
   timer = PhaseTimer()
   make_step = state_lib.make_train_step
 
@@ -157,7 +157,7 @@ def rpo_split(args) -> dict:
   try:
     with contextlib.ExitStack() as stack:
       for obj, attr, name in (
-          (rpo_cls, "prepare", "prepare"), (train, "evaluate", "validation"),
+          (rpo, "prepare", "prepare"), (train, "evaluate", "validation"),
           (train, "export", "export"), (diffusion, "generate", "generate"),
           (checkpoints.CheckpointManager, "save", "checkpoint")):
         stack.enter_context(patched(obj, attr,
@@ -165,7 +165,7 @@ def rpo_split(args) -> dict:
       stack.enter_context(patched(state_lib, "make_train_step",
                                   timed_make_step))
       start = time.perf_counter()
-      train.train_and_evaluate(config, str(workdir))
+      train.train_and_evaluate(config, str(workdir), rpo)
       total = time.perf_counter() - start
   finally:
     shutil.rmtree(workdir, ignore_errors=True)

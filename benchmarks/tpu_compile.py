@@ -131,7 +131,6 @@ def compile_recipe(config, topology: str, functions=FUNCTIONS,
     CompileError: a function did not compile (names it and the topology).
   """
   # pylint: disable=g-import-not-at-top
-  import jax
   import jax.numpy as jnp
   import common
   from personalize_jax.engine import config as config_lib

@@ -47,43 +47,15 @@ EOF
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CONFIG="" DATASET="" OUT="" SUBJECTS=all EVAL_CONFIG=configs/eval_dreambench.py
-SKIP_TRAIN=0 SKIP_EVAL=0 PYTHON=python DRY_RUN=0 EVAL_ARGS=() EXTRA=()
-while (( $# )); do
-  opt=$1 val="" inline=0
-  if [[ $opt == --*=* ]]; then val=${opt#*=}; opt=${opt%%=*}; inline=1; fi
-  case $opt in
-    --config|--dataset-dir|--out|--subjects|--eval-config|--python)
-      if (( ! inline )); then
-        if (( $# < 2 )) || [[ $2 == --* ]]; then die "$opt needs a value"; fi
-        val=$2; shift
-      fi
-      [[ -n $val ]] || die "$opt needs a value";;
-    --eval-arg)  # its value is itself an option: --eval-arg=--config.x=1
-      if (( ! inline )); then
-        (( $# >= 2 )) || die "$opt needs a value"
-        val=$2; shift
-      fi
-      [[ -n $val ]] || die "$opt needs a value";;
-    --skip-train|--skip-eval|--dry-run|-h|--help)
-      (( ! inline )) || die "$opt takes no value";;
-  esac
-  case $opt in
-    -h|--help) usage; exit 0;;
-    --config) CONFIG=$val;;
-    --dataset-dir) DATASET=${val%/};;
-    --out) OUT=${val%/};;
-    --subjects) SUBJECTS=$val;;
-    --eval-config) EVAL_CONFIG=$val;;
-    --eval-arg) EVAL_ARGS+=("$val");;
-    --skip-train) SKIP_TRAIN=1;;
-    --skip-eval) SKIP_EVAL=1;;
-    --python) PYTHON=$val;;
-    --dry-run) DRY_RUN=1;;
-    --) shift; EXTRA=("$@"); break;;
-    *) die "unknown option '$1' (see $PROG --help)";;
-  esac
-  shift
-done
+SKIP_TRAIN=0 SKIP_EVAL=0 PYTHON=python DRY_RUN=0 EVAL_ARGS=()
+# Options override the defaults above; EXTRA gets the arguments after --.
+# --eval-arg's values are themselves options: --eval-arg=--config.x=1.
+parse_options "--config=CONFIG --dataset-dir=DATASET --out=OUT
+               --subjects=SUBJECTS --eval-config=EVAL_CONFIG
+               --eval-arg+=EVAL_ARGS --python=PYTHON" \
+              "--skip-train=SKIP_TRAIN --skip-eval=SKIP_EVAL
+               --dry-run=DRY_RUN" "$@"
+DATASET=${DATASET%/} OUT=${OUT%/}
 
 # ------------------------------------------------------------------ checks --
 [[ -n $CONFIG ]] || die "pass --config=configs/RECIPE.py[:variant]"

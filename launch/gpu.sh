@@ -56,37 +56,12 @@ EOF
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CONFIG="" WORKDIR="" INSTALL=0 CUDA=12 GPUS="" NODES=1 RANK=0 COORDINATOR=""
-PYTHON=python DRY_RUN=0 EXTRA=()
-while (( $# )); do
-  opt=$1 val="" inline=0
-  if [[ $opt == --*=* ]]; then val=${opt#*=}; opt=${opt%%=*}; inline=1; fi
-  case $opt in
-    --config|--workdir|--cuda|--gpus|--nodes|--node-rank|--coordinator|--python)
-      if (( ! inline )); then
-        if (( $# < 2 )) || [[ $2 == --* ]]; then die "$opt needs a value"; fi
-        val=$2; shift
-      fi
-      [[ -n $val ]] || die "$opt needs a value";;
-    --install|--dry-run|-h|--help)
-      (( ! inline )) || die "$opt takes no value";;
-  esac
-  case $opt in
-    -h|--help) usage; exit 0;;
-    --config) CONFIG=$val;;
-    --workdir) WORKDIR=$val;;
-    --install) INSTALL=1;;
-    --cuda) CUDA=$val;;
-    --gpus) GPUS=$val;;
-    --nodes) NODES=$val;;
-    --node-rank) RANK=$val;;
-    --coordinator) COORDINATOR=$val;;
-    --python) PYTHON=$val;;
-    --dry-run) DRY_RUN=1;;
-    --) shift; EXTRA=("$@"); break;;
-    *) die "unknown option '$1' (see $PROG --help)";;
-  esac
-  shift
-done
+PYTHON=python DRY_RUN=0
+# Options override the defaults above; EXTRA gets the arguments after --.
+parse_options "--config=CONFIG --workdir=WORKDIR --cuda=CUDA --gpus=GPUS
+               --nodes=NODES --node-rank=RANK --coordinator=COORDINATOR
+               --python=PYTHON" \
+              "--install=INSTALL --dry-run=DRY_RUN" "$@"
 
 # ------------------------------------------------------------------ checks --
 [[ -n $CONFIG ]] || die "pass --config=configs/RECIPE.py[:variant]"

@@ -68,43 +68,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 CONFIG="" NAME=personalize-jax ACCEL=v4-8 ZONE="" PROJECT="" RUNTIME=""
 SPOT=0 REPO="" BRANCH=main WORKDIR="" COPY_TO="" SKIP_CREATE=0 SKIP_SETUP=0
-DELETE_AFTER=0 DRY_RUN=0 EXTRA=()
-while (( $# )); do
-  opt=$1 val="" inline=0
-  if [[ $opt == --*=* ]]; then val=${opt#*=}; opt=${opt%%=*}; inline=1; fi
-  case $opt in
-    --config|--name|--accelerator-type|--zone|--project|--runtime-version|\
-    --repo|--branch|--workdir|--copy-to)
-      if (( ! inline )); then
-        if (( $# < 2 )) || [[ $2 == --* ]]; then die "$opt needs a value"; fi
-        val=$2; shift
-      fi
-      [[ -n $val ]] || die "$opt needs a value";;
-    --spot|--skip-create|--skip-setup|--delete-after|--dry-run|-h|--help)
-      (( ! inline )) || die "$opt takes no value";;
-  esac
-  case $opt in
-    -h|--help) usage; exit 0;;
-    --config) CONFIG=$val;;
-    --name) NAME=$val;;
-    --accelerator-type) ACCEL=$val;;
-    --zone) ZONE=$val;;
-    --project) PROJECT=$val;;
-    --runtime-version) RUNTIME=$val;;
-    --spot) SPOT=1;;
-    --repo) REPO=$val;;
-    --branch) BRANCH=$val;;
-    --workdir) WORKDIR=$val;;
-    --copy-to) COPY_TO=$val;;
-    --skip-create) SKIP_CREATE=1;;
-    --skip-setup) SKIP_SETUP=1;;
-    --delete-after) DELETE_AFTER=1;;
-    --dry-run) DRY_RUN=1;;
-    --) shift; EXTRA=("$@"); break;;
-    *) die "unknown option '$1' (see $PROG --help)";;
-  esac
-  shift
-done
+DELETE_AFTER=0 DRY_RUN=0
+# Options override the defaults above; EXTRA gets the arguments after --.
+parse_options "--config=CONFIG --name=NAME --accelerator-type=ACCEL --zone=ZONE
+               --project=PROJECT --runtime-version=RUNTIME --repo=REPO
+               --branch=BRANCH --workdir=WORKDIR --copy-to=COPY_TO" \
+              "--spot=SPOT --skip-create=SKIP_CREATE --skip-setup=SKIP_SETUP
+               --delete-after=DELETE_AFTER --dry-run=DRY_RUN" "$@"
 
 # ------------------------------------------------------------------ checks --
 [[ -n $CONFIG ]] || die "pass --config=configs/RECIPE.py[:variant]"
@@ -193,7 +163,7 @@ if (( ! SKIP_SETUP )); then
     run "${tpu[@]}" scp "$tarball" "$NAME:personalize_jax-src.tar.gz" --worker=all "${where[@]}"
     fetch="mkdir -p $REMOTE_DIR && tar -xzf personalize_jax-src.tar.gz -C $REMOTE_DIR"
   fi
-  setup="set -e; export PATH=\"\$HOME/.local/bin:\$PATH\"; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; $fetch; uv venv -q --allow-existing --python $PYTHON_VERSION $REMOTE_DIR/.venv; uv pip install -q --python $REMOTE_DIR/.venv/bin/python -e \"./$REMOTE_DIR[tpu]\" jax==$JAX_VERSION"
+  setup="set -e; export PATH=\"\$HOME/.local/bin:\$PATH\"; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; $fetch; uv venv -q --allow-existing --python $PYTHON_VERSION $REMOTE_DIR/.venv; uv pip install -q --python $REMOTE_DIR/.venv/bin/python -e \"./${REMOTE_DIR}[tpu]\" jax==$JAX_VERSION"
   if [[ -n $bucket ]]; then
     setup+="; command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
   fi

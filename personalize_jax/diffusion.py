@@ -290,6 +290,33 @@ jax.tree_util.register_dataclass(NoiseSchedule, data_fields=["alphas_cumprod"],
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def draw_noise(schedule: NoiseSchedule, rng: jax.Array,
+               shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Training noise (float32, ``shape``) and a timestep per row, from ``rng``."""
+  noise_rng, t_rng = jax.random.split(rng)
+  noise = jax.random.normal(noise_rng, shape, jnp.float32)
+  return noise, schedule.sample_timesteps(t_rng, shape[0])
+
+
+def per_sample_error(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean squared error over every axis but the first, ``(b,)`` float32."""
+  err = (pred.astype(jnp.float32) - target) ** 2
+  return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def denoising_error(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
+                    latents: jax.Array, noise: jax.Array, t: jax.Array,
+                    emb: jax.Array) -> jax.Array:
+  """Per-sample error ``(b,)`` of the U-Net's epsilon (or v) prediction.
+
+  The training losses of every method are functions of these errors: the
+  U-Net sees ``latents`` noised with ``noise`` at ``t``, conditioned on
+  ``emb``, and its output is compared with the schedule's target.
+  """
+  pred = unet(schedule.add_noise(latents, noise, t), t, emb)
+  return per_sample_error(pred, schedule.training_target(latents, noise, t))
+
+
 def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
                 latents: jax.Array, cond_emb: jax.Array,
                 uncond_emb: jax.Array | None = None,

@@ -13,6 +13,10 @@ reference photos:
            from ALIGN-I = to_unit(its mean CLIP-I over the references) and
            ALIGN-T = to_unit(its CLIP-T), averaged; lam = 0.3, 0.5, 0.7.
 
+``rewards`` embeds the images and prompts (``rewards.Embedder``) and computes
+these scores (``rewards.subject_metrics``, ``rewards.reference_metrics``), as
+it does for RPO's rewards and the final evaluation of a training run.
+
 The ``reference`` row compares the real photos with each other (all ordered
 pairs of distinct photos of a subject): the ceiling DINO and CLIP-I can
 reach. Overall numbers average the per-subject ones, each subject counting
@@ -33,7 +37,6 @@ its ``unique_token`` is the word removed for CLIP-T). ``write_generated`` and
 into ``<workdir>/images``.
 """
 
-import itertools
 import json
 import os
 import re
@@ -41,22 +44,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
 from personalize_jax import diffusion, grids
+from personalize_jax import pipeline as pipeline_lib
 from personalize_jax import rewards
 from personalize_jax.data import dreambench
 from personalize_jax.errors import UserError
-from personalize_jax.models import image_processor, presets
-from personalize_jax.models import pipeline as pipeline_lib
-from personalize_jax.models import tokenizer as tokenizer_lib
-from personalize_jax.models.clip import CLIPModel
-from personalize_jax.models.vit import ViTModel
 
 PROMPTS_JSON = "prompts.json"
 _NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
@@ -65,155 +62,9 @@ _IMAGE_NAME = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 # ---------------------------------------------------------------- metrics --
 
-def _unit_rows(x_nd: np.ndarray) -> np.ndarray:
-  x_nd = np.asarray(x_nd, np.float64)
-  return x_nd / np.maximum(np.linalg.norm(x_nd, axis=-1, keepdims=True), 1e-12)
-
-
-def cosine_matrix(a_nd: np.ndarray, b_md: np.ndarray) -> np.ndarray:
-  """``(n, m)`` cosine similarities, in float64."""
-  return _unit_rows(a_nd) @ _unit_rows(b_md).T
-
-
-def mean_pairwise_cosine(gen_nd: np.ndarray, ref_md: np.ndarray) -> float:
-  """DINO / CLIP-I: the mean cosine over all (generated, reference) pairs."""
-  return float(cosine_matrix(gen_nd, ref_md).mean())
-
-
-def mean_reference_cosine(ref_md: np.ndarray) -> float:
-  """The mean cosine over all pairs of distinct reference images (i != j)."""
-  sims = cosine_matrix(ref_md, ref_md)
-  m = sims.shape[0]
-  if m < 2:
-    return float("nan")
-  return float(sims[~np.eye(m, dtype=bool)].mean())
-
-
-def mean_text_cosine(image_nd: np.ndarray, text_nd: np.ndarray) -> float:
-  """CLIP-T: the mean cosine between each image and its own prompt."""
-  return float(np.sum(_unit_rows(image_nd) * _unit_rows(text_nd), -1).mean())
-
-
-def mean_harmonic(clip_gen_nd: np.ndarray, clip_ref_md: np.ndarray,
-                  text_nd: np.ndarray, lam: float) -> float:
-  """The lambda-Harmonic score of each image (ALIGN-I/T from CLIP), averaged."""
-  align_i = rewards.to_unit(cosine_matrix(clip_gen_nd, clip_ref_md).mean(-1))
-  align_t = rewards.to_unit(
-      np.sum(_unit_rows(clip_gen_nd) * _unit_rows(text_nd), -1))
-  return float(np.mean(rewards.harmonic(align_i, align_t, lam)))
-
-
-def harmonic_key(lam: float) -> str:
-  """The metric name of ``H(lam)``: ``harmonic_0.5``."""
-  return f"harmonic_{lam:g}"
-
-
-def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
-                    clip_gen: np.ndarray, clip_ref: np.ndarray,
-                    text: np.ndarray, lams: Sequence[float]) -> dict[str, float]:
-  """All metrics of one subject from its embeddings.
-
-  Args:
-    dino_gen: ``(n, d)`` DINO embeddings of the generated images.
-    dino_ref: ``(m, d)`` DINO embeddings of the reference images.
-    clip_gen: ``(n, e)`` CLIP image embeddings of the generated images.
-    clip_ref: ``(m, e)`` CLIP image embeddings of the reference images.
-    text: ``(n, e)`` CLIP text embedding of each generated image's prompt
-      (unique token removed).
-    lams: the lambda values of the harmonic scores.
-  """
-  out = {"dino": mean_pairwise_cosine(dino_gen, dino_ref),
-         "clip_i": mean_pairwise_cosine(clip_gen, clip_ref),
-         "clip_t": mean_text_cosine(clip_gen, text)}
-  for lam in lams:
-    out[harmonic_key(lam)] = mean_harmonic(clip_gen, clip_ref, text, lam)
-  return out
-
-
-def reference_metrics(dino_ref: np.ndarray,
-                      clip_ref: np.ndarray) -> dict[str, float]:
-  """DINO and CLIP-I of real photos against each other (distinct pairs)."""
-  return {"dino": mean_reference_cosine(dino_ref),
-          "clip_i": mean_reference_cosine(clip_ref)}
-
-
 def average(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
   """The mean of each metric over rows (subjects count equally)."""
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
-# ------------------------------------------------------------- embeddings --
-
-def _forward(graphdef, state, pixels, method):
-  return method(nnx.merge(graphdef, state), pixels)
-
-
-class Embedders:
-  """DINO and CLIP embeddings of uint8 images and of prompts (batched, jitted)."""
-
-  def __init__(self, dino, dino_processor, clip, clip_processor, tokenizer,
-               batch_size: int = 16):
-    self._dino = nnx.split(dino)
-    self._clip = nnx.split(clip)
-    self.dino_processor = dino_processor
-    self.clip_processor = clip_processor
-    self.tokenizer = tokenizer
-    self.batch_size = batch_size
-    self._run = jax.jit(_forward, static_argnums=(0, 3))
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Embedders":
-    """Loads ``config.dino_model`` and ``config.clip_model`` (``tiny`` works)."""
-    dino, clip = str(config.dino_model), str(config.clip_model)
-    dino_processor = image_processor.ImageProcessor.from_pretrained(
-        image_processor.TINY_DINO if dino == presets.TINY else dino)
-    return cls(
-        dino=ViTModel.from_pretrained(dino),
-        dino_processor=dino_processor,
-        clip=CLIPModel.from_pretrained(clip),
-        clip_processor=image_processor.ImageProcessor.from_pretrained(clip),
-        tokenizer=tokenizer_lib.load_tokenizer(clip, subfolder=None),
-        batch_size=config.batch_size)
-
-  def _batched(self, model, method, inputs: jax.Array) -> np.ndarray:
-    # Pad to whole batches so every call reuses one compilation.
-    n, bs = inputs.shape[0], self.batch_size
-    pad = -n % bs
-    inputs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
-    outs = [self._run(*model, inputs[i:i + bs], method)
-            for i in range(0, n + pad, bs)]
-    return np.asarray(jnp.concatenate(outs)[:n], np.float64)
-
-  def images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(dino (n, d), clip (n, e))`` embeddings of uint8 ``(h, w, 3)`` images."""
-    dino_px, clip_px = [], []
-    # Same-sized images are preprocessed as one batch, each size on its own.
-    order = sorted(range(len(images)), key=lambda i: images[i].shape)
-    for _, group in itertools.groupby(order, key=lambda i: images[i].shape):
-      batch = np.stack([images[i] for i in group])
-      dino_px.append(self.dino_processor(batch))
-      clip_px.append(self.clip_processor(batch))
-    inverse = np.argsort(order)
-    dino = self._batched(self._dino, _dino_cls, jnp.concatenate(dino_px))
-    clip = self._batched(self._clip, _clip_image, jnp.concatenate(clip_px))
-    return dino[inverse], clip[inverse]
-
-  def texts(self, prompts: Sequence[str]) -> np.ndarray:
-    """``(n, e)`` CLIP text embeddings."""
-    ids = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, list(prompts)))
-    return self._batched(self._clip, _clip_text, ids)
-
-
-def _dino_cls(vit, pixels_bhwc):
-  return vit(pixels_bhwc)[:, 0]
-
-
-def _clip_image(clip, pixels_bhwc):
-  return clip.get_image_features(pixels_bhwc)
-
-
-def _clip_text(clip, ids_bt):
-  return clip.get_text_features(ids_bt)
 
 
 # ----------------------------------------------------------------- images --
@@ -414,21 +265,22 @@ def evaluate(config: ml_collections.ConfigDict,
 
   references = dreambench.load_reference_images(
       config.dataset_dir, config.tfds_data_dir or workdir / "tfds", names)
-  embed = Embedders.from_config(config)
+  dino = rewards.Embedder.dino(config.dino_model, chunk=config.batch_size)
+  clip = rewards.Embedder.clip(config.clip_model, chunk=config.batch_size)
   lams = tuple(config.harmonic_lams)
   (workdir / "grids").mkdir(exist_ok=True)
   per_subject, per_subject_ref = {}, {}
   for name in tqdm(names, desc="evaluating", unit="subject"):
     generated = read_generated(images_dir, name, config.num_prompts,
                                config.num_images_per_prompt)
-    dino_gen, clip_gen = embed.images([im for row in generated for im in row])
-    dino_ref, clip_ref = embed.images(references[name])
-    text = embed.texts([dreambench.remove_token(p, token)
-                        for p in prompts[name]])
-    text = np.repeat(text, config.num_images_per_prompt, axis=0)
-    per_subject[name] = subject_metrics(dino_gen, dino_ref, clip_gen,
-                                        clip_ref, text, lams)
-    per_subject_ref[name] = reference_metrics(dino_ref, clip_ref)
+    flat = [im for row in generated for im in row]
+    refs = references[name]
+    dino_ref, clip_ref = dino.images(refs), clip.images(refs)
+    text = np.repeat(clip.texts(prompts[name], token),
+                     config.num_images_per_prompt, axis=0)
+    per_subject[name] = rewards.subject_metrics(
+        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams)
+    per_subject_ref[name] = rewards.reference_metrics(dino_ref, clip_ref)
     column = grids.Column(title=f"{name}: generated", rows=generated,
                           scores=per_subject[name])
     picture, _ = grids.labeled_grid(references[name], prompts[name],

@@ -93,9 +93,11 @@ def main(argv) -> None:
   except UserError as e:
     _fail(str(e))
   # Imported after joining: no device may be touched before that.
+  from personalize_jax import methods  # pylint: disable=g-import-not-at-top
   from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                       methods.get(_CONFIG.value.method))
   except UserError as e:
     _fail(str(e))
   except train.TrainingStopped as e:

@@ -1,28 +1,41 @@
-"""Rewards for personalisation: similarity scores, lambda-Harmonic, Bradley-Terry.
+"""Rewards and scores for personalisation: similarity, lambda-Harmonic.
 
-Everything here is a pure JAX function of embeddings (jit- and grad-friendly),
-plus two small ``nnx`` modules that turn images into those embeddings:
+One place embeds images and prompts and scores them, for training rewards,
+validation and evaluation alike:
 
-  * ``HarmonicReward`` (RPO): the lambda-Harmonic mean of an image-alignment
-    score ALIGN-I (to the reference images) and a text-alignment score
-    ALIGN-T (to the prompt), both cosine similarities mapped to [0, 1].
-    The RPO paper measures them with Google's ALIGN model, which has no Flax
-    port (or public weights in a supported layout); CLIP stands in for it,
-    its size chosen by a config value (``CLIP_VARIANTS``).
-  * ``DinoReward``: ``r = -(1 - cos(dino(image), dino(reference)))`` averaged
-    over the references, differentiable end to end from images in [-1, 1].
-
-Preferences between a reference image and a generated one follow the
-Bradley-Terry model: ``P(reference preferred) = sigmoid(r_ref - r_gen)``.
+  * the maths: cosine similarities, ALIGN-I / ALIGN-T, the lambda-Harmonic
+    mean and the DINO reward, pure functions of embeddings. Given JAX arrays
+    (or traced values) they run on the device in float32, jit- and
+    grad-friendly; given NumPy arrays they run on the host in float64.
+  * the DreamBench scores of a subject (DINO, CLIP-I, CLIP-T, H(lam)) and of
+    its photos against each other, built on that maths.
+  * ``Embedder``: DINO or CLIP embeddings of uint8 images (and CLIP's of
+    prompts, read without the unique token) on the host, batched and jitted.
+  * two ``nnx`` reward modules, differentiable end to end from images in
+    [-1, 1]:
+      ``HarmonicReward`` (RPO): the lambda-Harmonic mean of an image-alignment
+      score ALIGN-I (to the reference images) and a text-alignment score
+      ALIGN-T (to the prompt), both cosine similarities mapped to [0, 1].
+      The RPO paper measures them with Google's ALIGN model, which has no Flax
+      port (or public weights in a supported layout); CLIP stands in for it,
+      its size chosen by a config value (``CLIP_VARIANTS``).
+      ``DinoReward``: ``r = -(1 - cos(dino(image), dino(reference)))``
+      averaged over the references.
 """
 
+import functools
+import itertools
 import os
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.models import image_processor, presets
+from personalize_jax.models import tokenizer as tokenizer_lib
 from personalize_jax.models.clip import CLIPModel
 from personalize_jax.models.vit import ViTModel
 
@@ -34,30 +47,42 @@ CLIP_VARIANTS = {
 }
 DEFAULT_DINO = "facebook/dino-vits16"
 _EPS = 1e-8
+# Embeddings and scores: on the device (float32) or on the host (float64).
+Array = jax.Array | np.ndarray
 
 
-def normalize(x_bd: jax.Array) -> jax.Array:
-  """Unit-norm rows (embeddings are compared by cosine, in float32)."""
-  x_bd = x_bd.astype(jnp.float32)
-  return x_bd / jnp.maximum(jnp.linalg.norm(x_bd, axis=-1, keepdims=True), _EPS)
+# ------------------------------------------------------------------ maths --
+
+def normalize(x_bd: Array) -> Array:
+  """Unit-norm rows: embeddings are compared by cosine.
+
+  A JAX array (or a traced value) is normalised in float32 on the device;
+  anything else is read as NumPy and normalised in float64 on the host. The
+  scores below all start here, so they follow the kind of their inputs.
+  """
+  if isinstance(x_bd, jax.Array):
+    xp, x_bd = jnp, x_bd.astype(jnp.float32)
+  else:
+    xp, x_bd = np, np.asarray(x_bd, np.float64)
+  return x_bd / xp.maximum(xp.linalg.norm(x_bd, axis=-1, keepdims=True), _EPS)
 
 
-def pairwise_cosine(a_nd: jax.Array, b_md: jax.Array) -> jax.Array:
+def pairwise_cosine(a_nd: Array, b_md: Array) -> Array:
   """``(n, m)`` cosine similarities between every row of ``a`` and of ``b``."""
   return normalize(a_nd) @ normalize(b_md).T
 
 
-def paired_cosine(a_nd: jax.Array, b_nd: jax.Array) -> jax.Array:
+def paired_cosine(a_nd: Array, b_nd: Array) -> Array:
   """``(n,)`` cosine similarity of each row of ``a`` with the same row of ``b``."""
-  return jnp.sum(normalize(a_nd) * normalize(b_nd), axis=-1)
+  return (normalize(a_nd) * normalize(b_nd)).sum(axis=-1)
 
 
-def to_unit(cos: jax.Array) -> jax.Array:
+def to_unit(cos: Array) -> Array:
   """Maps a cosine similarity from [-1, 1] onto [0, 1]: ``(s + 1) / 2``."""
   return (cos + 1.0) / 2.0
 
 
-def harmonic(align_i: jax.Array, align_t: jax.Array, lam: float) -> jax.Array:
+def harmonic(align_i: Array, align_t: Array, lam: float) -> Array:
   """The lambda-Harmonic mean ``1 / (lam / align_i + (1 - lam) / align_t)``.
 
   Being a harmonic mean, it is dominated by the worse of the two scores: an
@@ -74,8 +99,8 @@ def harmonic(align_i: jax.Array, align_t: jax.Array, lam: float) -> jax.Array:
   return 1.0 / (lam / align_i + (1.0 - lam) / align_t)
 
 
-def alignment_scores(image_emb_bd: jax.Array, ref_emb_rd: jax.Array,
-                     text_emb_bd: jax.Array) -> tuple[jax.Array, jax.Array]:
+def alignment_scores(image_emb_bd: Array, ref_emb_rd: Array,
+                     text_emb_bd: Array) -> tuple[Array, Array]:
   """ALIGN-I and ALIGN-T of each image, in [0, 1].
 
   Args:
@@ -87,52 +112,102 @@ def alignment_scores(image_emb_bd: jax.Array, ref_emb_rd: jax.Array,
     ``(align_i_b, align_t_b)``: ALIGN-I averages the image's similarity over
     all reference images; ALIGN-T is its similarity to its prompt.
   """
-  align_i = to_unit(jnp.mean(pairwise_cosine(image_emb_bd, ref_emb_rd), axis=-1))
+  align_i = to_unit(pairwise_cosine(image_emb_bd, ref_emb_rd).mean(axis=-1))
   align_t = to_unit(paired_cosine(image_emb_bd, text_emb_bd))
   return align_i, align_t
 
 
-def harmonic_reward(image_emb_bd: jax.Array, ref_emb_rd: jax.Array,
-                    text_emb_bd: jax.Array, lam: float) -> jax.Array:
+def harmonic_reward(image_emb_bd: Array, ref_emb_rd: Array,
+                    text_emb_bd: Array, lam: float) -> Array:
   """The lambda-Harmonic reward of each image, ``(b,)``."""
   return harmonic(*alignment_scores(image_emb_bd, ref_emb_rd, text_emb_bd), lam)
 
 
-def dino_similarity_reward(image_emb_bd: jax.Array,
-                           ref_emb_rd: jax.Array) -> jax.Array:
+def dino_similarity_reward(image_emb_bd: Array, ref_emb_rd: Array) -> Array:
   """``-(1 - cos)`` between each image and the references, averaged: ``(b,)``."""
-  return -(1.0 - jnp.mean(pairwise_cosine(image_emb_bd, ref_emb_rd), axis=-1))
+  return -(1.0 - pairwise_cosine(image_emb_bd, ref_emb_rd).mean(axis=-1))
 
 
-def bradley_terry_prob(r_ref: jax.Array, r_gen: jax.Array) -> jax.Array:
-  """P(reference preferred) = ``exp(r_ref) / (exp(r_ref) + exp(r_gen))``.
+# ------------------------------------------------------ DreamBench scores --
 
-  Computed as ``sigmoid(r_ref - r_gen)``, which does not overflow.
-  """
-  return jax.nn.sigmoid(jnp.asarray(r_ref, jnp.float32)
-                        - jnp.asarray(r_gen, jnp.float32))
+def harmonic_key(lam: float) -> str:
+  """The score name of ``H(lam)``: ``harmonic_0.5``."""
+  return f"harmonic_{lam:g}"
 
 
-def sample_preference_labels(rng: jax.Array, r_ref: jax.Array,
-                             r_gen: jax.Array) -> jax.Array:
-  """Samples Bradley-Terry preferences: 1.0 where the reference wins, else 0.0.
+def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
+                    clip_gen: np.ndarray, clip_ref: np.ndarray,
+                    text: np.ndarray, lams: Sequence[float]) -> dict[str, float]:
+  """The DreamBench scores of one subject's generated images, on the host.
 
   Args:
-    rng: a PRNG key.
-    r_ref: rewards of the reference images.
-    r_gen: rewards of the generated images (broadcastable with ``r_ref``).
+    dino_gen: ``(n, d)`` DINO embeddings of the generated images.
+    dino_ref: ``(m, d)`` DINO embeddings of the reference images.
+    clip_gen: ``(n, e)`` CLIP image embeddings of the generated images.
+    clip_ref: ``(m, e)`` CLIP image embeddings of the reference images.
+    text: ``(n, e)`` CLIP text embedding of each generated image's prompt
+      (unique token removed).
+    lams: the lambda values of the harmonic scores.
 
   Returns:
-    float32 labels with the broadcast shape, each 1 with probability
-    ``bradley_terry_prob(r_ref, r_gen)``.
+    ``dino`` and ``clip_i``, the mean cosine over all (generated, reference)
+    pairs; ``clip_t``, the mean cosine of each image with its prompt; and per
+    lambda (``harmonic_key``) the mean lambda-Harmonic score of the images.
+    All in float64.
   """
-  p = bradley_terry_prob(r_ref, r_gen)
-  return jax.random.bernoulli(rng, p).astype(jnp.float32)
+  dino_gen, dino_ref, clip_gen, clip_ref, text = (
+      np.asarray(x) for x in (dino_gen, dino_ref, clip_gen, clip_ref, text))
+  out = {"dino": float(pairwise_cosine(dino_gen, dino_ref).mean()),
+         "clip_i": float(pairwise_cosine(clip_gen, clip_ref).mean()),
+         "clip_t": float(paired_cosine(clip_gen, text).mean())}
+  align_i, align_t = alignment_scores(clip_gen, clip_ref, text)
+  for lam in lams:
+    out[harmonic_key(lam)] = float(harmonic(align_i, align_t, lam).mean())
+  return out
 
+
+def _mean_distinct_pairs(emb_md: np.ndarray) -> float:
+  """The mean cosine over all pairs of distinct rows (i != j); NaN for one."""
+  sims = pairwise_cosine(np.asarray(emb_md), np.asarray(emb_md))
+  m = sims.shape[0]
+  if m < 2:
+    return float("nan")
+  return float(sims[~np.eye(m, dtype=bool)].mean())
+
+
+def reference_metrics(dino_ref: np.ndarray,
+                      clip_ref: np.ndarray) -> dict[str, float]:
+  """DINO and CLIP-I of real photos against each other (distinct pairs).
+
+  The ceiling those scores can reach for the subject; pairs of a photo with
+  itself (cosine 1) are left out.
+  """
+  return {"dino": _mean_distinct_pairs(dino_ref),
+          "clip_i": _mean_distinct_pairs(clip_ref)}
+
+
+# ---------------------------------------------------------- reward models --
 
 def clip_model_id(variant: str) -> str:
   """``b32``/``b16``/``l14`` -> its Hub id; a folder, Hub id or ``tiny`` as is."""
   return CLIP_VARIANTS.get(variant, variant)
+
+
+def _load_dino(path_or_hub_id: str | os.PathLike, **kwargs
+               ) -> tuple[ViTModel, image_processor.ImageProcessor]:
+  """A DINO ViT and its processor (``tiny``: the random preset)."""
+  tiny = str(path_or_hub_id) == presets.TINY
+  processor = image_processor.ImageProcessor.from_pretrained(
+      image_processor.TINY_DINO if tiny else path_or_hub_id)
+  return ViTModel.from_pretrained(path_or_hub_id, **kwargs), processor
+
+
+def _load_clip(variant: str, **kwargs
+               ) -> tuple[CLIPModel, image_processor.ImageProcessor]:
+  """A CLIP and its processor, by variant name, folder or Hub id."""
+  model_id = clip_model_id(variant)
+  return (CLIPModel.from_pretrained(model_id, **kwargs),
+          image_processor.ImageProcessor.from_pretrained(model_id))
 
 
 class DinoReward(nnx.Module):
@@ -158,10 +233,7 @@ class DinoReward(nnx.Module):
       path_or_hub_id: a transformers ViT folder, Hub id or ``tiny``.
       **kwargs: passed to ``ViTModel.from_pretrained`` (``dtype``, ...).
     """
-    tiny = str(path_or_hub_id) == presets.TINY
-    processor = image_processor.ImageProcessor.from_pretrained(
-        image_processor.TINY_DINO if tiny else path_or_hub_id)
-    return cls(ViTModel.from_pretrained(path_or_hub_id, **kwargs), processor)
+    return cls(*_load_dino(path_or_hub_id, **kwargs))
 
   def embed(self, images_bhwc: jax.Array) -> jax.Array:
     """DINO CLS embeddings ``(b, d)`` of images in [-1, 1]."""
@@ -202,9 +274,7 @@ class HarmonicReward(nnx.Module):
     Use ``load_tokenizer(clip_model_id(variant), subfolder=None)`` from
     ``personalize_jax.models.tokenizer`` for the prompts' token ids.
     """
-    model_id = clip_model_id(variant)
-    return cls(CLIPModel.from_pretrained(model_id, **kwargs),
-               image_processor.ImageProcessor.from_pretrained(model_id), lam)
+    return cls(*_load_clip(variant, **kwargs), lam)
 
   def embed_images(self, images_bhwc: jax.Array) -> jax.Array:
     """CLIP image embeddings ``(b, e)`` of images in [-1, 1]."""
@@ -220,3 +290,111 @@ class HarmonicReward(nnx.Module):
     """The reward ``(b,)`` of images in [-1, 1] against references and prompts."""
     return harmonic_reward(self.embed_images(images_bhwc), ref_emb_rd,
                            text_emb_bd, self.lam)
+
+
+# --------------------------------------------------------- host embeddings --
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _features(fn, graphdef, state, inputs):
+  return fn(nnx.merge(graphdef, state), inputs)
+
+
+def _dino_cls(vit: ViTModel, pixels_bhwc: jax.Array) -> jax.Array:
+  return vit(pixels_bhwc)[:, 0]
+
+
+def _clip_image(clip: CLIPModel, pixels_bhwc: jax.Array) -> jax.Array:
+  return clip.get_image_features(pixels_bhwc)
+
+
+def _clip_text(clip: CLIPModel, ids_bt: jax.Array) -> jax.Array:
+  return clip.get_text_features(ids_bt)
+
+
+class Embedder:
+  """Embeddings of uint8 images (and, with CLIP, of prompts) on the host.
+
+  Inputs go through the model ``chunk`` at a time, the last chunk padded to
+  full size, so one compilation serves every call whatever the count; the
+  embeddings come back in input order as float32 NumPy ``(n, d)``, ready for
+  the host scores above. ``Embedder.dino`` and ``Embedder.clip`` load one.
+  """
+
+  def __init__(self, model: nnx.Module,
+               processor: image_processor.ImageProcessor,
+               image_features: Callable[[nnx.Module, jax.Array], jax.Array],
+               chunk: int = 8,
+               tokenizer: tokenizer_lib.CLIPTokenizer | None = None):
+    """Wraps a model, the function of it that embeds pixel values, and its
+    processor; ``tokenizer`` (CLIP only) enables ``texts``."""
+    self._graphdef, self._state = nnx.split(model)
+    self.processor = processor
+    self._image_features = image_features
+    self.chunk = chunk
+    self.tokenizer = tokenizer
+
+  @classmethod
+  def dino(cls, path_or_hub_id: str | os.PathLike = DEFAULT_DINO,
+           chunk: int = 8, **kwargs) -> "Embedder":
+    """DINO CLS embeddings of images.
+
+    Args:
+      path_or_hub_id: a transformers ViT folder, Hub id or ``tiny``.
+      chunk: images per model call.
+      **kwargs: passed to ``ViTModel.from_pretrained`` (``dtype``, ...).
+    """
+    vit, processor = _load_dino(path_or_hub_id, **kwargs)
+    return cls(vit, processor, _dino_cls, chunk)
+
+  @classmethod
+  def clip(cls, variant: str = "b32", chunk: int = 8,
+           **kwargs) -> "Embedder":
+    """CLIP image and text embeddings.
+
+    Args:
+      variant: ``b32``, ``b16``, ``l14`` (``CLIP_VARIANTS``), a transformers
+        CLIP folder, a Hub id, or ``tiny``.
+      chunk: images or prompts per model call.
+      **kwargs: passed to ``CLIPModel.from_pretrained`` (``dtype``, ...).
+    """
+    clip, processor = _load_clip(variant, **kwargs)
+    tokenizer = tokenizer_lib.load_tokenizer(clip_model_id(variant),
+                                             subfolder=None)
+    return cls(clip, processor, _clip_image, chunk, tokenizer)
+
+  def _run(self, fn, inputs: jax.Array) -> np.ndarray:
+    n, chunk = inputs.shape[0], self.chunk
+    pad = -n % chunk
+    inputs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
+    outs = [_features(fn, self._graphdef, self._state, inputs[i:i + chunk])
+            for i in range(0, n + pad, chunk)]
+    return np.asarray(jnp.concatenate(outs)[:n], np.float32)
+
+  def images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """``(n, d)`` embeddings of uint8 ``(h, w, 3)`` images (a list or a batch).
+
+    Images of different sizes are welcome: each size is preprocessed as one
+    batch, and the embeddings are put back in the order given.
+    """
+    images = [np.asarray(image) for image in images]
+    order = sorted(range(len(images)), key=lambda i: images[i].shape)
+    pixels = [self.processor(np.stack([images[i] for i in group]))
+              for _, group in itertools.groupby(
+                  order, key=lambda i: images[i].shape)]
+    embeddings = self._run(self._image_features, jnp.concatenate(pixels))
+    return embeddings[np.argsort(order)]
+
+  def texts(self, prompts: Sequence[str], unique_token: str) -> np.ndarray:
+    """``(n, e)`` CLIP embeddings of prompts, read without the unique token.
+
+    CLIP does not know the token, so each prompt is scored for what it says
+    about the class (``prompts.without_token``).
+
+    Raises:
+      ValueError: a DINO embedder, which has no text tower.
+    """
+    if self.tokenizer is None:
+      raise ValueError("texts needs a CLIP embedder (Embedder.clip)")
+    ids = tokenizer_lib.tokenize(self.tokenizer, [
+        prompts_lib.without_token(p, unique_token) for p in prompts])
+    return self._run(_clip_text, jnp.asarray(ids))

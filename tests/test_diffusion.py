@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,6 @@ from flax import nnx
 from personalize_jax import diffusion
 from personalize_jax.errors import UserError
 from personalize_jax.models import presets
-
-diffusers = pytest.importorskip("diffusers")
 
 # SD 1.x (the preset), SD 2.x-v style, and the plain DDPM defaults.
 SD1 = dict(presets.SCHEDULER)

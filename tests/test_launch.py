@@ -44,10 +44,17 @@ def dry(script, *args):
 
 
 def parser_options(script):
-  """Every --option the script's argument loop accepts."""
+  """Every --option the script's ``parse_options`` call accepts.
+
+  Its specs read ``--name=VAR`` (``--name+=ARRAY`` when repeatable); --help
+  is every script's, handled by ``parse_options`` itself.
+  """
   source = (LAUNCH / script).read_text()
-  loop = source[source.index("while (( $# ))"):source.index("checks --")]
-  return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)(?=[|)])", loop))
+  call = re.search(r'^parse_options (.*?)"\$@"$', source, re.M | re.S)
+  assert call, f"{script} does not call parse_options"
+  specs = re.findall(r"(?<![\w-])(--[a-z][a-z-]*)\+?=[A-Z_]+\b", call[1])
+  assert specs, f"no option specs in {script}'s parse_options call"
+  return set(specs) | {"--help"}
 
 
 @pytest.fixture()
@@ -106,6 +113,38 @@ def test_bad_arguments_exit_2_with_one_line(script, args):
   assert result.stdout == ""
   assert len(result.stderr.strip().splitlines()) == 1
   assert result.stderr.startswith(f"{script}: error: ")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args,message", [
+    (("--no-such-option",),
+     "unknown option '--no-such-option' (see {} --help)"),
+    (("--no-such=1",), "unknown option '--no-such=1' (see {} --help)"),
+    (("--=x",), "unknown option '--=x' (see {} --help)"),
+    (("positional",), "unknown option 'positional' (see {} --help)"),
+    (("--dry-run", "--config"), "--config needs a value"),
+    (("--config", "--dry-run"), "--config needs a value"),
+    (("--config=",), "--config needs a value"),
+    (("--dry-run=yes",), "--dry-run takes no value"),
+    (("--help=1",), "--help takes no value"),
+])
+def test_parser_errors_name_the_option(script, args, message):
+  result = run(script, *args)
+  assert (result.returncode, result.stdout) == (2, "")
+  assert result.stderr == f"{script}: error: {message.format(script)}\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_read_in_order(script):
+  result = run(script, "--help", "--no-such-option")
+  assert result.returncode == 0 and result.stdout.startswith("Usage: ")
+  result = run(script, "--no-such-option", "--help")
+  assert result.returncode == 2 and result.stdout == ""
+  # After --, --help is an argument for personalize_jax.main.
+  result = run(script, "--", "--help")
+  assert result.returncode == 2
+  assert result.stderr == (
+      f"{script}: error: pass --config=configs/RECIPE.py[:variant]\n")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -264,6 +303,14 @@ def test_gpu_single_host_dry_run():
       "--config.num_steps=5"]
 
 
+def test_gpu_passes_everything_after_the_separator_on():
+  lines = dry("gpu.sh", "--config", CONFIG, "--workdir", "/tmp/run", "--",
+              "--help", "--no-such-option", "--", "a b")
+  assert lines == [
+      f"python -m personalize_jax.main --config={CONFIG} --workdir=/tmp/run "
+      "--help --no-such-option -- 'a b'"]
+
+
 def test_gpu_multi_node_dry_run():
   lines = dry("gpu.sh", f"--config={CONFIG}", "--workdir", "/shared/run",
               "--nodes=2", "--node-rank", "1", "--coordinator=10.0.0.2:1234",
@@ -339,6 +386,22 @@ def test_sweep_dry_run_synthetic(tmp_path):
       f"--config.model={out}/models --config.dataset_dir={dataset} "
       f"--config.subjects=backpack,bear_plushie,dog --workdir={out}/eval "
       "--config.num_prompts=1")
+
+
+def test_sweep_eval_args_repeat_and_may_look_like_options(tmp_path):
+  dataset = synthetic_dataset(tmp_path)
+  common = (f"--config={CONFIG}", f"--dataset-dir={dataset}/",
+            f"--out={tmp_path}/o/", "--skip-train")
+  lines = dry("dreambench_sweep.sh", *common, "--eval-arg",
+              "--config.num_prompts=1", "--eval-arg=--config.seed=2")
+  assert lines[-1].endswith(
+      f"--config.dataset_dir={dataset} --config.subjects=backpack,"
+      f"bear_plushie,dog --workdir={tmp_path}/o/eval "
+      "--config.num_prompts=1 --config.seed=2")
+  result = run("dreambench_sweep.sh", *common, "--dry-run", "--eval-arg")
+  assert result.returncode == 2
+  assert result.stderr == (
+      "dreambench_sweep.sh: error: --eval-arg needs a value\n")
 
 
 def test_sweep_dreambench_classes(shared_dir, tmp_path):

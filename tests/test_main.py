@@ -17,6 +17,24 @@ TINY = "--config=configs/dreambooth_tpu.py:tiny"
 # name: (arguments, CPU devices, text the error line must contain)
 CASES = {
     "unknown_method": ([TINY, "--config.method=nope"], 1, "config.method"),
+    # One method-specific mistake per method: checked before the workdir.
+    "dreambooth_class_images": (
+        [TINY, "--config.dreambooth.num_class_images=-1"], 1,
+        "config.dreambooth.num_class_images=-1"),
+    "rpo_ref_prompt": (["--config=configs/rpo_tpu.py:tiny",
+                        "--config.rpo.ref_prompt=both"], 1,
+                       "config.rpo.ref_prompt='both'"),
+    "lookforward_reward": (
+        ["--config=configs/lookforward_dreambooth_tpu.py:tiny",
+         "--config.lookforward.reward=clip"], 1,
+        "config.lookforward.reward='clip'"),
+    "custom_diffusion_initializer": (
+        ["--config=configs/custom_diffusion_tpu.py:tiny",
+         "--config.custom_diffusion.initializer_token=zqxv ktn"], 1,
+        "initializer_token='zqxv ktn' is 5 tokens"),
+    "trainable_matches_nothing": (
+        [TINY, "--config.trainable=('^unet\\.', '^unet_typo\\.')"], 1,
+        "'^unet_typo\\.' matches no parameter"),
     "negative_lr": ([TINY, "--config.learning_rate=-1"], 1,
                     "config.learning_rate"),
     "zero_lr": ([TINY, "--config.learning_rate=0"], 1, "config.learning_rate"),

@@ -1,8 +1,10 @@
-"""Rewards: lambda-Harmonic, Bradley-Terry, and the DINO / CLIP reward models."""
+"""Rewards: similarity and lambda-Harmonic, DreamBench scores, the DINO / CLIP
+reward models and the host embedders."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from personalize_jax import rewards
@@ -58,33 +60,54 @@ def test_dino_similarity_reward():
       [0.0], atol=1e-6)
 
 
-def test_bradley_terry_prob():
-  r_ref = np.array([0.0, 1.0, -2.0, 3.5, 10.0])
-  r_gen = np.array([0.0, 0.5, 1.0, -1.5, 9.0])
-  expected = np.exp(r_ref) / (np.exp(r_ref) + np.exp(r_gen))
-  np.testing.assert_allclose(rewards.bradley_terry_prob(r_ref, r_gen), expected,
-                             rtol=1e-6)
-  # exp() of these overflows float32 (and float64 for 1e4); the result must not.
-  big = rewards.bradley_terry_prob(jnp.array([1000.0, 1e4, -1e4, 1e4]),
-                                   jnp.array([999.0, -1e4, 1e4, 1e4]))
-  np.testing.assert_allclose(big, [1 / (1 + np.exp(-1.0)), 1.0, 0.0, 0.5],
-                             atol=1e-7)
-  p = rewards.bradley_terry_prob(r_ref, r_gen)
-  np.testing.assert_allclose(p + rewards.bradley_terry_prob(r_gen, r_ref), 1.0,
-                             rtol=1e-6)
+def test_normalize_runs_device_arrays_in_float32_and_host_arrays_in_float64():
+  x = np.random.default_rng(2).normal(size=(3, 4))
+  on_host = rewards.normalize(x.astype(np.float32))
+  assert isinstance(on_host, np.ndarray) and on_host.dtype == np.float64
+  np.testing.assert_allclose(on_host, _unit(x.astype(np.float32)), rtol=1e-15)
+  on_device = rewards.normalize(jnp.asarray(x, jnp.bfloat16))
+  assert isinstance(on_device, jax.Array) and on_device.dtype == jnp.float32
+  # Traced values take the device path too.
+  traced = jax.jit(rewards.normalize)(jnp.asarray(x))
+  np.testing.assert_allclose(traced, _unit(x), rtol=1e-6)
+  # A zero row stays zero instead of dividing by zero.
+  np.testing.assert_array_equal(rewards.normalize(np.zeros((1, 4))), 0.0)
 
 
-def test_sample_preference_labels_frequencies():
-  r_ref = jnp.array([-2.0, -0.5, 0.0, 1.0, 3.0])
-  r_gen = jnp.array([0.0, 0.0, 0.0, 0.5, -1.0])
-  n = 20000
-  labels = rewards.sample_preference_labels(
-      jax.random.key(0), jnp.tile(r_ref, (n, 1)), r_gen)
-  assert labels.shape == (n, 5) and labels.dtype == jnp.float32
-  assert set(np.unique(labels)) <= {0.0, 1.0}
-  expected = 1 / (1 + np.exp(-(np.asarray(r_ref) - np.asarray(r_gen))))
-  # Binomial standard error is at most 0.5 / sqrt(n) = 0.0035; allow 4 of it.
-  np.testing.assert_allclose(labels.mean(axis=0), expected, atol=0.014)
+def test_dreambench_scores_match_numpy():
+  rng = np.random.default_rng(0)
+  gen, ref, text = (rng.normal(size=s) for s in [(6, 5), (3, 5), (6, 5)])
+  cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  sims = np.array([[cos(a, b) for b in ref] for a in gen])
+  text_cos = np.array([cos(a, b) for a, b in zip(gen, text)])
+  align_i, align_t = (sims.mean(1) + 1) / 2, (text_cos + 1) / 2
+  # DINO from other embeddings (gen * 2: the same directions as CLIP's).
+  dino_gen, dino_ref = gen * 2, ref
+  metrics = rewards.subject_metrics(dino_gen, dino_ref, gen, ref, text,
+                                    (0.3, 0.5, 0.7))
+  assert sorted(metrics) == ["clip_i", "clip_t", "dino", "harmonic_0.3",
+                             "harmonic_0.5", "harmonic_0.7"]
+  assert metrics["clip_i"] == pytest.approx(sims.mean(), rel=1e-12)
+  assert metrics["dino"] == pytest.approx(sims.mean(), rel=1e-12)
+  assert metrics["clip_t"] == pytest.approx(text_cos.mean(), rel=1e-12)
+  for lam in (0.3, 0.5, 0.7):
+    expected = np.mean(1 / (lam / align_i + (1 - lam) / align_t))
+    assert metrics[rewards.harmonic_key(lam)] == pytest.approx(expected,
+                                                               rel=1e-12)
+  # Float32 embeddings (what the embedders return) are scored in float64.
+  as_f32 = rewards.subject_metrics(*(x.astype(np.float32) for x in (
+      dino_gen, dino_ref, gen, ref, text)), (0.5,))
+  assert as_f32["clip_t"] == pytest.approx(np.mean([
+      cos(a, b) for a, b in zip(gen.astype(np.float32).astype(np.float64),
+                                text.astype(np.float32).astype(np.float64))]),
+                                           rel=1e-12)
+  ref_ref = [cos(ref[i], ref[j]) for i in range(3) for j in range(3) if i != j]
+  photos = rewards.reference_metrics(ref * 3, ref)
+  assert photos == pytest.approx({"dino": np.mean(ref_ref),
+                                  "clip_i": np.mean(ref_ref)}, rel=1e-12)
+  # Identical pairs (cos = 1) are left out: including them would raise it.
+  assert photos["clip_i"] < (_unit(ref) @ _unit(ref).T).mean()
+  assert np.isnan(rewards.reference_metrics(ref[:1], ref[:1])["dino"])
 
 
 def _jit(module, fn):
@@ -148,3 +171,69 @@ def test_harmonic_reward_model_tiny():
                              rtol=1e-5)
   assert reward.shape == (2,) and ((reward > 0) & (reward <= 1)).all()
   assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+
+
+@pytest.fixture(scope="module")
+def clip_embedder():
+  return rewards.Embedder.clip("tiny", chunk=3)
+
+
+def _images(seed, sizes):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in sizes]
+
+
+def test_embedder_matches_one_image_at_a_time_in_the_order_given(
+    clip_embedder):
+  # pylint: disable-next=g-import-not-at-top
+  from personalize_jax.models.clip import CLIPModel
+  # Mixed sizes, interleaved; 5 images in chunks of 3 (the last one padded).
+  images = _images(5, [(40, 40), (48, 56), (40, 40), (64, 48), (48, 56)])
+  got = clip_embedder.images(images)
+  assert got.shape == (5, 32) and got.dtype == np.float32
+  clip = CLIPModel.from_pretrained("tiny")
+  each = nnx.jit(lambda model, px: model.get_image_features(px))
+  expected = np.concatenate([each(clip, clip_embedder.processor(im[None]))
+                             for im in images])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # A batch array is a list of images.
+  np.testing.assert_allclose(
+      clip_embedder.images(np.stack([images[1], images[4]])), got[[1, 4]],
+      rtol=1e-6)
+
+
+def test_embedder_compiles_once_for_any_count(clip_embedder):
+  images = _images(6, [(40, 40)] * 7)
+  clip_embedder.images(images[:1])  # compiles the image forward.
+  before = rewards._features._cache_size()  # pylint: disable=protected-access
+  for n in (2, 3, 4, 7):
+    out = clip_embedder.images(images[:n])
+    assert out.shape[0] == n
+  assert rewards._features._cache_size() == before  # pylint: disable=protected-access
+  # Padding does not leak into the results: row i is the same in every call.
+  np.testing.assert_allclose(clip_embedder.images(images)[:1],
+                             clip_embedder.images(images[:1]), rtol=1e-6)
+
+
+def test_embedder_reads_prompts_without_the_unique_token(clip_embedder):
+  got = clip_embedder.texts(["a sks dog on the Moon", "a SKS dog", "a sksy dog"],
+                            "sks")
+  assert got.shape == (3, 32) and got.dtype == np.float32
+  np.testing.assert_array_equal(
+      got, clip_embedder.texts(["a dog on the Moon", "a dog", "a sksy dog"],
+                               "zzz"))
+  # The token changes what CLIP reads when it is left in.
+  assert not np.allclose(got[:1], clip_embedder.texts(
+      ["a sks dog on the Moon"], "zzz"))
+
+
+def test_dino_embedder_embeds_images_and_has_no_text():
+  dino = rewards.Embedder.dino("tiny", chunk=2)
+  images = _images(7, [(40, 40), (48, 48), (40, 40)])
+  reward = rewards.DinoReward.from_pretrained("tiny")
+  expected = np.concatenate([
+      np.asarray(reward.vit(dino.processor(im[None]))[:, 0]) for im in images])
+  np.testing.assert_allclose(dino.images(images), expected, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="CLIP"):
+    dino.texts(["a sks dog"], "sks")

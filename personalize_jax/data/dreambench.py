@@ -159,11 +159,6 @@ def subject_prompts(subject: Subject, templates: dict[str, Sequence[str]],
           for t in templates[subject.prompt_list]]
 
 
-def remove_token(prompt: str, unique_token: str) -> str:
-  """The prompt without the unique token (the text CLIP-T is measured on)."""
-  return " ".join(w for w in prompt.split() if w != unique_token)
-
-
 def decode_image(data: bytes) -> np.ndarray:
   """Encoded image bytes -> ``(h, w, 3)`` uint8 RGB."""
   with Image.open(io.BytesIO(data)) as image:

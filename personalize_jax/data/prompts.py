@@ -1,4 +1,5 @@
-"""Prompt templates: filling in the subject's words and checking the result.
+"""Prompt templates: filling in the subject's words, checking the result, and
+the text a scoring model reads (the prompt without its unique token).
 
 Templates name the subject with two fields, ``{token}`` (the rare word that
 comes to mean the subject, ``config.data.unique_token``) and ``{class_name}``
@@ -67,11 +68,33 @@ def format_prompt(template: str, *, token: str, class_name: str) -> str:
   return template.format(**values)
 
 
-def _mentions(prompt: str, token: str) -> bool:
+def _token_pattern(token: str) -> re.Pattern:
   # CLIP lowercases its input, so "SKS" names the subject as well as "sks";
   # "sksy" does not (a different word for the tokenizer).
-  pattern = rf"(?<!\w){re.escape(token.strip())}(?!\w)"
-  return re.search(pattern, prompt, flags=re.IGNORECASE) is not None
+  return re.compile(rf"(?<!\w){re.escape(token.strip())}(?!\w)", re.IGNORECASE)
+
+
+def _mentions(prompt: str, token: str) -> bool:
+  return _token_pattern(token).search(prompt) is not None
+
+
+def without_token(prompt: str, token: str) -> str:
+  """The prompt with every mention of the unique token removed.
+
+  This is the text a reward or evaluation model (CLIP) reads: it does not
+  know the token, so the prompt is scored for what it says about the class.
+  A mention is the token as a whole word in any case ("sks", "SKS", "sks,"),
+  not a word that contains it ("sksy"); the remaining words are joined by
+  single spaces.
+
+  Args:
+    prompt: a filled-in prompt, e.g. ``"a sks dog on the Moon"``.
+    token: the subject's unique token (``config.data.unique_token``).
+
+  Returns:
+    The prompt without the token: ``"a dog on the Moon"``.
+  """
+  return " ".join(_token_pattern(token).sub(" ", prompt).split())
 
 
 def check_prompts(prompts: Sequence[str], *, token: str,

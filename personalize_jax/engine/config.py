@@ -16,7 +16,6 @@ import ml_collections
 
 from personalize_jax.errors import UserError
 
-METHODS = ("dreambooth", "custom_diffusion", "rpo", "lookforward")
 MIXED_PRECISION = ("bf16", "fp32")
 NAN_POLICIES = ("stop", "skip")
 SCHEDULES = ("constant", "cosine")
@@ -26,13 +25,13 @@ ATTENTION = ("xla", "cudnn", "pallas", "chunked", "auto")
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every method; recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.method = "dreambooth"  # one of METHODS: picks the loss and its data.
+  c.method = "dreambooth"  # a name of personalize_jax.methods.NAMES: the loss and its data.
   c.seed = 0  # seeds initialisation, noise, timesteps and data order.
   c.num_steps = 1000  # optimizer steps.
   c.batch_size = 1  # global batch (instance images per step, all devices).
   c.learning_rate = 5e-6  # peak learning rate.
   c.mixed_precision = "bf16"  # compute dtype: "bf16" or "fp32"; masters stay fp32.
-  c.trainable = [r"^unet\."]  # regexes over "component.torch.key" names that train.
+  c.trainable = (r"^unet\.",)  # regexes over "component.torch.key" names that train.
   c.overwrite = False  # allow a workdir that holds a run of another config.
   c.nan_policy = "stop"  # on NaN/Inf: "stop" at that step or "skip" the update.
   c.debug_nan_at_step = 0  # tests nan_policy: this step's loss becomes NaN (0 = off).
@@ -164,10 +163,28 @@ def _fail(key: str, value, valid: str):
   raise UserError(f"config.{key}={value!r} is invalid: {valid}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Checks values a user sets; raises ``UserError`` on the first bad one."""
-  if config.method not in METHODS:
-    _fail("method", config.method, f"use one of {', '.join(METHODS)}")
+def resolve(config: ml_collections.ConfigDict, method: types.ModuleType
+            ) -> None:
+  """Applies the method's convenience switches to ``config`` (in place).
+
+  ``config.trainable`` becomes a tuple holding what the switches add, so the
+  trained set is what ``config.json`` shows.
+  """
+  config.trainable = tuple(config.trainable)
+  resolve_switches = getattr(method, "resolve", None)  # optional
+  if resolve_switches is not None:
+    resolve_switches(config)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             method: types.ModuleType | None = None) -> None:
+  """Checks values a user sets; raises ``UserError`` on the first bad one.
+
+  Args:
+    config: the resolved config.
+    num_devices: the devices the run will use.
+    method: the method's module; its ``validate`` checks its own keys.
+  """
   for key in ("num_steps", "batch_size", "log_every_steps",
               "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
               "data.resolution"):
@@ -201,6 +218,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not config.final_eval.prompts:
       _fail("final_eval.prompts", list(config.final_eval.prompts),
             "list at least one prompt, or set final_eval.enabled=false")
+  for key in ("warmup_steps", "b1", "b2", "eps", "weight_decay",
+              "clip_grad_norm"):
+    if not config.optimizer[key] >= 0:
+      _fail(f"optimizer.{key}", config.optimizer[key], "it must be >= 0")
+  for key in ("b1", "b2"):
+    if not config.optimizer[key] < 1:
+      _fail(f"optimizer.{key}", config.optimizer[key],
+            "it must lie in [0, 1)")
+  if config.optimizer.warmup_steps >= config.num_steps:
+    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
+          f"it must be below num_steps={config.num_steps}")
+  for key in ("num_inference_steps", "seed"):
+    value = config.eval[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < (
+        1 if key == "num_inference_steps" else 0):
+      _fail(f"eval.{key}", value, "it must be a positive integer"
+            if key == "num_inference_steps" else "it must be an integer >= 0")
+  if not config.eval.guidance_scale >= 0:
+    _fail("eval.guidance_scale", config.eval.guidance_scale,
+          "it must be >= 0 (1 or less turns guidance off)")
+  if not config.eval.prompts:
+    _fail("eval.prompts", list(config.eval.prompts),
+          "list at least one prompt for the sample grids")
+  if (not isinstance(config.data.min_image_side, int)
+      or config.data.min_image_side < 1):
+    _fail("data.min_image_side", config.data.min_image_side,
+          "it must be a positive number of pixels")
   if config.optimizer.schedule not in SCHEDULES:
     _fail("optimizer.schedule", config.optimizer.schedule,
           f"use one of {', '.join(SCHEDULES)}")
@@ -238,3 +282,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("batch_size", config.batch_size,
           f"it must be a multiple of the {num_devices} devices (the batch is "
           "split across all of them)")
+  if method is not None:
+    method.validate(config)

@@ -4,7 +4,7 @@ After training, the exported pipeline (``<workdir>/export``, the best step
 where the method tracks one) and the base model it started from each draw
 ``final_eval.num_images_per_prompt`` images for every ``final_eval.prompts``
 prompt with the same seeds; DINO and CLIP embed them and the subject's own
-photos, and the DreamBench scores follow (``eval_dreambench.subject_metrics``:
+photos, and the DreamBench scores follow (``rewards.subject_metrics``:
 DINO, CLIP-I, CLIP-T and the lambda-Harmonic scores). Written to
 ``<workdir>/final_eval/``: ``metrics.json``, ``metrics.md`` (base, fine-tuned
 and the photos against each other), ``comparison.png`` (the photos on top,
@@ -23,14 +23,13 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from personalize_jax import diffusion, eval_dreambench, grids
-from personalize_jax.data import dreambench
+from personalize_jax import diffusion, grids, rewards
 from personalize_jax.data import images as images_lib
 from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import rundir
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import checkpoint, presets
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax.pipeline import load_stable_diffusion
 
 FOLDER = "final_eval"
 MODELS = ("base", "finetuned")
@@ -98,19 +97,18 @@ def run(config: ml_collections.ConfigDict, workdir: Path,
     generated[name] = [list(images[i * n:(i + 1) * n])
                        for i in range(len(prompts))]
 
-  embed = eval_dreambench.Embedders.from_config(fe)
-  dino_ref, clip_ref = embed.images(references)
-  text = embed.texts([dreambench.remove_token(p, data.unique_token)
-                      for p in prompts])
-  text = np.repeat(text, fe.num_images_per_prompt, axis=0)
+  dino = rewards.Embedder.dino(fe.dino_model, chunk=fe.batch_size)
+  clip = rewards.Embedder.clip(fe.clip_model, chunk=fe.batch_size)
+  dino_ref, clip_ref = dino.images(references), clip.images(references)
+  text = np.repeat(clip.texts(prompts, data.unique_token),
+                   fe.num_images_per_prompt, axis=0)
   lams = tuple(fe.harmonic_lams)
   results: dict[str, Any] = {}
   for name in MODELS:
     flat = [im for row in generated[name] for im in row]
-    dino_gen, clip_gen = embed.images(flat)
-    results[name] = eval_dreambench.subject_metrics(
-        dino_gen, dino_ref, clip_gen, clip_ref, text, lams)
-  results["reference"] = eval_dreambench.reference_metrics(dino_ref, clip_ref)
+    results[name] = rewards.subject_metrics(
+        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams)
+  results["reference"] = rewards.reference_metrics(dino_ref, clip_ref)
   results.update(
       prompts=prompts, num_images_per_prompt=fe.num_images_per_prompt,
       num_photos=len(references), models=sources,

@@ -1,18 +1,14 @@
 """What a run reports: metrics.jsonl, TensorBoard events, grids, progress.
 
 ``metrics.jsonl`` is the record tools and tests read (one JSON object per
-logged step). The same scalars also go to TensorBoard event files, written
-here without TensorFlow: an event file is a sequence of length-prefixed,
-crc32c-checked records, each an ``Event`` protobuf that we encode by hand
-(only the handful of fields scalars need).
+logged step). The same scalars also go to TensorBoard event files in
+``tensorboard/``, written by tensorboardX (no TensorFlow needed).
 """
 
 import io
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -21,173 +17,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
+from tensorboardX import event_file_writer
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
 
 from personalize_jax import grids
 from personalize_jax.engine.rundir import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-_FILE_VERSION = b"brain.Event:2"
 # Non-finite floats are not valid JSON numbers; they are stored as these
 # strings so every line stays parseable by strict readers (jq, pandas).
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-# --------------------------------------------------------------------------
-# crc32c and the TFRecord framing of event files.
-
-
-def _crc32c_table() -> tuple[int, ...]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum TFRecord files use."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """The rotated and offset crc TFRecords store (a crc of crcs stays useful)."""
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _record(data: bytes) -> bytes:
-  header = struct.pack("<Q", len(data))
-  return (header + struct.pack("<I", masked_crc32c(header)) + data
-          + struct.pack("<I", masked_crc32c(data)))
-
-
-# --------------------------------------------------------------------------
-# Protobuf wire format for Event{wall_time=1, step=2, file_version=3,
-# summary=5}, Summary{value=1}, Summary.Value{tag=1, simple_value=2}.
-
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # int64 negatives are 10-byte two's complement.
-  out = bytearray()
-  while True:
-    byte = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint(field << 3 | wire_type)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _key(field, _BYTES) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: bytes | None = None,
-           scalars: Mapping[str, float] | None = None) -> bytes:
-  out = _key(1, _FIXED64) + struct.pack("<d", wall_time)
-  out += _key(2, _VARINT) + _varint(step)
-  if file_version is not None:
-    out += _length_delimited(3, file_version)
-  if scalars:
-    summary = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode("utf-8"))
-                          + _key(2, _FIXED32) + struct.pack("<f", value))
-        for tag, value in scalars.items())
-    out += _length_delimited(5, summary)
-  return out
-
-
-def _fields(data: bytes):
-  """Yields ``(field, value)`` of a protobuf message; bytes stay undecoded."""
-  pos = 0
-  while pos < len(data):
-    key, pos = _read_varint(data, pos)
-    field, wire_type = key >> 3, key & 7
-    if wire_type == _VARINT:
-      value, pos = _read_varint(data, pos)
-    elif wire_type == _FIXED64:
-      value, pos = data[pos:pos + 8], pos + 8
-    elif wire_type == _FIXED32:
-      value, pos = data[pos:pos + 4], pos + 4
-    elif wire_type == _BYTES:
-      size, pos = _read_varint(data, pos)
-      value, pos = data[pos:pos + size], pos + size
-    else:
-      raise ValueError(f"unsupported protobuf wire type {wire_type}")
-    yield field, value
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-  value = shift = 0
-  while True:
-    byte = data[pos]
-    pos += 1
-    value |= (byte & 0x7F) << shift
-    shift += 7
-    if not byte & 0x80:
-      return value, pos
-
-
-def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Decodes an event file written by ``MetricsWriter``, checking every crc.
-
-  Args:
-    path: one ``events.out.tfevents.*`` file.
-
-  Returns:
-    One dict per event: ``wall_time``, ``step``, ``file_version`` (or None)
-    and ``scalars`` (tag -> float).
-
-  Raises:
-    ValueError: a crc does not match or the file ends inside a record.
-  """
-  data = Path(path).read_bytes()
-  events, pos = [], 0
-  while pos < len(data):
-    if pos + 12 > len(data):
-      raise ValueError(f"{path}: truncated record header at byte {pos}")
-    header = data[pos:pos + 8]
-    (size,) = struct.unpack("<Q", header)
-    (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    payload = data[pos + 12:pos + 12 + size]
-    if header_crc != masked_crc32c(header) or len(payload) != size:
-      raise ValueError(f"{path}: corrupt record header at byte {pos}")
-    (payload_crc,) = struct.unpack("<I", data[pos + 12 + size:pos + 16 + size])
-    if payload_crc != masked_crc32c(payload):
-      raise ValueError(f"{path}: crc mismatch in record at byte {pos}")
-    pos += 16 + size
-    event = {"wall_time": None, "step": 0, "file_version": None, "scalars": {}}
-    for field, value in _fields(payload):
-      if field == 1:
-        (event["wall_time"],) = struct.unpack("<d", value)
-      elif field == 2:
-        event["step"] = value - (1 << 64) if value >= 1 << 63 else value
-      elif field == 3:
-        event["file_version"] = value.decode("utf-8")
-      elif field == 5:
-        for _, summary_value in _fields(value):
-          parts = dict(_fields(summary_value))
-          tag = parts[1].decode("utf-8")
-          (event["scalars"][tag],) = struct.unpack("<f", parts[2])
-    events.append(event)
-  return events
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +73,9 @@ class MetricsWriter:
   step the run reported. ``resume_step`` makes a resumed run's file equal to
   that of an uninterrupted run: lines past the step the run restarts from are
   dropped, since the run will log those steps again. TensorBoard gets a new
-  event file per writer (its loader reads them in name order).
+  event file per writer (its loader reads them in name order) that opens with
+  a restart marker, so TensorBoard likewise hides the dropped steps that
+  earlier files hold.
 
   Args:
     workdir: the run directory; created if missing.
@@ -247,19 +90,23 @@ class MetricsWriter:
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / METRICS_FILE
-    _drop_after(self.path, -1 if resume_step is None else resume_step)
+    last_kept_step = -1 if resume_step is None else resume_step
+    _drop_after(self.path, last_kept_step)
     self._jsonl = open(self.path, "a", encoding="utf-8")
     tb_dir = self.workdir / TENSORBOARD_DIR
     tb_dir.mkdir(exist_ok=True)
-    # Seconds, host and pid as TensorFlow names them; the counter keeps two
-    # writers of one process in one second apart and in creation order.
+    # tensorboardX names the file by seconds and host; pid and counter keep
+    # two writers of one second apart and in creation order. Its
+    # SummaryWriter is not used: it writes from a queue, so its flush() can
+    # return before the last scalars reach the file.
     MetricsWriter._count += 1
-    self.event_path = tb_dir / (
-        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-        f".{os.getpid()}.{MetricsWriter._count:04d}")
-    self._events = open(self.event_path, "wb")
-    self._events.write(_record(_event(time.time(), 0,
-                                      file_version=_FILE_VERSION)))
+    self._events = event_file_writer.EventsWriter(
+        str(tb_dir / "events"),
+        filename_suffix=f".{os.getpid()}.{MetricsWriter._count:04d}")
+    # TensorBoard drops the steps from here on that earlier files logged.
+    self._events.write_event(event_pb2.Event(
+        wall_time=time.time(), step=last_kept_step + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
     self._events.flush()
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -272,8 +119,12 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
     self._jsonl.flush()
     os.fsync(self._jsonl.fileno())
-    self._events.write(_record(_event(time.time(), int(step), scalars=values)))
-    self._events.flush()
+    wall_time = time.time()
+    for name, value in values.items():
+      self._events.write_event(event_pb2.Event(
+          wall_time=wall_time, step=int(step),
+          summary=tb_summary.scalar(name, value)))
+    self._events.flush()  # fsyncs too.
 
   def close(self) -> None:
     """Closes both files; further writes fail."""

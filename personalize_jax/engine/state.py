@@ -12,6 +12,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -86,6 +87,55 @@ def opt_state_shardings(abstract_opt_state, params, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def _with_shardings(tree, shardings):
+  """``ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings``.
+
+  ``shardings`` may be a prefix of ``tree`` (one sharding per ``nnx.Variable``).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  shards = jax.tree.leaves(shardings)
+  assert len(leaves) == len(shards), (len(leaves), len(shards))
+  return treedef.unflatten([
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+      for x, s in zip(leaves, shards)])
+
+
+def abstract_params(params, mesh: Mesh, dtype=None):
+  """What ``place_params`` would make, as ``ShapeDtypeStruct``s: nothing moves."""
+  cast = lambda x: jax.ShapeDtypeStruct(
+      x.shape, dtype if dtype is not None
+      and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+  params = jax.tree.map(cast, params)
+  return _with_shardings(params, sharding.state_shardings(params, mesh))
+
+
+def abstract_host(tree, target):
+  """Host arrays as ``ShapeDtypeStruct``s typed as ``jax.device_put`` types them."""
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(
+      np.shape(v), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype),
+      sharding=target), tree)
+
+
+def abstract_train_state(params, tx: optax.GradientTransformation,
+                         mesh: Mesh) -> TrainState:
+  """What ``create_train_state`` would make, as ``ShapeDtypeStruct``s.
+
+  Shapes, dtypes and shardings only (``jax.eval_shape``): a step can be
+  lowered and compiled for it, and its memory read, without allocating a
+  parameter; the devices may be compile-only (a TPU topology on a CPU host).
+  """
+  params = abstract_params(params, mesh)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_state = _with_shardings(abstract_opt, opt_state_shardings(
+      abstract_opt, params, mesh))
+  replicated = sharding.replicated(mesh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      params=params, opt_state=opt_state,
+      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+
+
 def shardings_of(tree):
   """The sharding of every leaf of a placed pytree (for jit and restore)."""
   return jax.tree.map(lambda x: x.sharding, tree)
@@ -140,7 +190,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     trained = jax.tree.map(
         lambda g, label: jnp.zeros_like(g) if label == optim.FREEZE else g,
         grads, labels)
-    grad_norm = optax.global_norm(trained)
+    grad_norm = optax.tree.norm(trained)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if post_update is not None:
@@ -150,6 +200,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       keep = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep, params, state.params)
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    # Per component, as big_vision's l2_params / l2_updates: a switch that
+    # trains nothing shows as a zero update norm (of what was applied).
+    for name in params:
+      metrics[f"update_norm/{name}"] = optax.tree.norm(
+          jax.tree.map(jnp.subtract, params[name], state.params[name]))
+      metrics[f"param_norm/{name}"] = optax.tree.norm(params[name])
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    learning_rate=schedule(state.step), finite=finite)
     return state.replace(step=state.step + 1, params=params,

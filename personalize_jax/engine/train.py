@@ -6,9 +6,12 @@ Sections: config -> run directory -> mesh -> models -> method data -> state
 
 import contextlib
 import dataclasses
-import importlib
 import json
+import os
+import re
+import shutil
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,30 +24,24 @@ from jax.sharding import Mesh
 
 from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
+from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import checkpoints, metrics as metrics_lib
 from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import distributed, final_eval
 from personalize_jax.engine import optim, rundir, sharding, state as state_lib
+from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base
 from personalize_jax.models import checkpoint
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax import pipeline as pipeline_lib
+from personalize_jax.pipeline import load_stable_diffusion
 
-METHODS = {
-    "dreambooth": "personalize_jax.methods.dreambooth:DreamBooth",
-    "custom_diffusion": "personalize_jax.methods.custom_diffusion:CustomDiffusion",
-    "rpo": "personalize_jax.methods.rpo:RPO",
-    "lookforward": "personalize_jax.methods.lookforward:LookForward",
-}
+
+# The least fraction of trainable parameter bytes FSDP must shard.
+MIN_FSDP_FRACTION = 0.5
 
 
 class TrainingStopped(Exception):
   """The run stopped on purpose (NaN/Inf): one line says why and what remains."""
-
-
-def method_class(name: str) -> type:
-  module, cls = METHODS[name].split(":")
-  return getattr(importlib.import_module(module), cls)
 
 
 def compute_dtype(config) -> Any:
@@ -67,14 +64,21 @@ RESUMABLE_CHANGES = ("overwrite", "nan_policy", "debug_nan_at_step",
                      "final_eval")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Summary:
-  """Trains ``config.method`` in ``workdir``, resuming from its checkpoints."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       method: types.ModuleType) -> Summary:
+  """Trains ``method`` (a module of ``personalize_jax.methods``) in ``workdir``.
+
+  Resumes from the workdir's checkpoints. ``config`` is resolved in place
+  (the method's convenience switches become ``config.trainable`` regexes)
+  and checked before the workdir or any model is touched.
+  """
   # ---------------------------------------------------------------- config
-  config_lib.validate(config, jax.device_count())
+  config_lib.resolve(config, method)
+  config_lib.validate(config, jax.device_count(), method)
   preflight(config)
+  check_trainable(config, method.COMPONENTS)
   final_eval.check_models(config)
-  workdir = base.workdir_path(workdir)
+  workdir = Path(workdir).expanduser().resolve()
   with contextlib.ExitStack() as stack:
     # On a pod every process trains; process 0 alone owns the run directory
     # (lock, config.json, metrics, grids, export). Orbax coordinates the
@@ -97,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not distributed.chief_succeeded(refusal is None):
       raise refusal or UserError(
           "process 0 refused the run directory; its error line says why")
-    return _finish(config, workdir, _run(config, workdir))
+    return _finish(config, workdir, _run(config, workdir, method))
 
 
 def _finish(config, workdir: Path, summary: Summary) -> Summary:
@@ -136,19 +140,49 @@ def preflight(config) -> None:
         skip_bad_images=config.data.skip_bad_images, warn=logging.warning)
 
 
+def check_trainable(config, components) -> None:
+  """Every ``config.trainable`` regex names a parameter the method can train.
+
+  Checked on the models' shapes (their ``config.json``), before any weight
+  loads or the workdir exists.
+
+  Args:
+    config: the resolved config.
+    components: the pipeline components the method can train
+      (``method.COMPONENTS``).
+
+  Raises:
+    UserError: naming the first regex that matches no parameter.
+  """
+  states = {name: nnx.state(pipeline_lib.abstract_component(
+      config.model.pretrained, name)) for name in components}
+  _check_patterns(config, jax.tree.leaves(optim.param_names(states)),
+                  sorted(states))
+
+
+def _check_patterns(config, names: list[str], components) -> None:
+  example = next((n for n in names if "attn2.to_k.weight" in n), names[0])
+  for pattern in config.trainable:
+    if not any(re.search(pattern, n) for n in names):
+      raise UserError(
+          f"config.trainable regex '{pattern}' matches no parameter of what "
+          f"{config.method} can train ({', '.join(components)}); names look "
+          f"like '{example}'")
+
+
 @dataclasses.dataclass
 class Trainer:
   """What ``build_trainer`` assembles: all a loop (or a benchmark) steps with."""
   mesh: Mesh
-  pipeline: Any  # models.pipeline.StableDiffusion
-  method: base.Method
+  pipeline: Any  # pipeline.StableDiffusion
+  method: Method
   state: state_lib.TrainState
   frozen: dict  # {"modules": {name: state}, "constants": {name: array}}
   train_step: Callable  # jitted (state, frozen, batch) -> (state, metrics)
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
-                  pipeline: Any = None) -> Trainer:
+                  method: types.ModuleType, pipeline: Any = None) -> Trainer:
   """Mesh, models, the method's data, the sharded state and the jitted step.
 
   Everything a run does before its loop except the run directory's services
@@ -158,6 +192,7 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
   Args:
     config: a validated config.
     workdir: the run directory; the method caches its data in it.
+    method: the method's module (``personalize_jax.methods.get``).
     pipeline: the models; loaded from ``config.model`` if None.
   """
   # ------------------------------------------------------------------ mesh
@@ -170,25 +205,17 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
         attention_impl=config.model.attention_impl, remat=config.model.remat,
         seed=config.seed)
   # ------------------------------------------------------------------ data
-  method = method_class(config.method)(
-      base.Context(config=config, workdir=workdir, pipeline=pipeline,
-                   mesh=mesh))
-  method.prepare()
+  method = method.build(Context(config=config, workdir=workdir,
+                                pipeline=pipeline, mesh=mesh))
   # ----------------------------------------------------------------- state
-  params, frozen_states = {}, {}
-  trainable = method.trainable_modules()
-  for name, module in trainable.items():
-    method.graphdefs[name], params[name] = nnx.split(module)
-  for name, module in method.frozen_modules().items():
-    method.graphdefs[name], frozen_states[name] = nnx.split(module)
+  params, trainable = split_trainable(config, method)
+  frozen_states = {name: nnx.state(module)
+                   for name, module in method.frozen.items()}
+  frozen_states.update({name: nnx.state(module) for name, module
+                        in method.trainable.items() if name not in params})
   tx, schedule, labels = optim.make_optimizer(
-      config, params, extra=method.extra_optimizers(),
-      row_masks=method.row_masks())
-  if optim.TRAIN not in jax.tree.leaves(labels):
-    raise UserError(
-        f"config.trainable={list(config.trainable)} matches no parameter of "
-        f"{sorted(params)}; use regexes over names like "
-        "'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight'")
+      config, params, extra=method.extra_optimizers,
+      row_masks=method.row_masks)
   state = state_lib.create_train_state(params, tx, config.seed, mesh)
   del params
   # The modules now hold the placed (sharded) arrays, so their unsharded
@@ -201,13 +228,22 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
   frozen_dtype = dtype if config.mixed_precision == "bf16" else None
   frozen = {
       "modules": state_lib.place_params(frozen_states, mesh, frozen_dtype),
-      "constants": sharding.put(method.constants(),
+      "constants": sharding.put(dict(method.constants),
                                 sharding.replicated(mesh)),
   }
+  fraction = sharding.sharded_fraction(
+      state.params, jax.tree.map(lambda x: x.sharding, state.params))
   logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
-               100 * sharding.sharded_fraction(
-                   state.params, jax.tree.map(lambda x: x.sharding,
-                                              state.params)))
+               100 * fraction)
+  if mesh.shape[sharding.FSDP] > 1 and (
+      fraction < MIN_FSDP_FRACTION):
+    # As maxtext asserts: FSDP that shards little only costs communication.
+    raise UserError(
+        f"config.mesh.fsdp={mesh.shape['fsdp']} shards only "
+        f"{100 * fraction:.0f}% of the trainable parameter bytes (at least "
+        f"{100 * MIN_FSDP_FRACTION:.0f}% expected): their dimensions do not "
+        "divide by it; use a smaller mesh.fsdp (a divisor of the channel "
+        "counts) or mesh.fsdp=1")
   # ---------------------------------------------------------------- update
   train_step = state_lib.make_train_step(
       method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
@@ -219,8 +255,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
                  frozen=frozen, train_step=train_step)
 
 
-def _run(config, workdir: Path) -> Summary:
-  trainer = build_trainer(config, workdir)
+def _run(config, workdir: Path, method_module) -> Summary:
+  trainer = build_trainer(config, workdir, method_module)
   mesh, pipeline, method = trainer.mesh, trainer.pipeline, trainer.method
   state, frozen, train_step = trainer.state, trainer.frozen, trainer.train_step
   # Dropped so that a restored state does not keep the initial one alive.
@@ -241,13 +277,19 @@ def _run(config, workdir: Path) -> Summary:
                              desc=config.method)
   last, stopped_by = {}, None
   window_start, window_steps = time.perf_counter(), 0
-  with checkpoints.PreemptionHandler() as preemption:
-    for step in range(start, config.num_steps):
-      batch = state_lib.shard_batch(method.batch(step), mesh)
-      state, step_metrics = train_step(state, frozen, batch)
-      done = step + 1
-      window_steps += 1
-      if not bool(step_metrics["finite"]) and config.nan_policy == "stop":
+  # Finite flags of dispatched steps not yet read: reading one waits for its
+  # step, so a step's flag is read once the next step is queued behind it,
+  # or before anything is written (logs, evaluations, checkpoints).
+  unchecked: list[tuple[int, jax.Array]] = []
+
+  def ensure_finite(keep: int = 0) -> None:
+    """Stops at the first non-finite step of all unchecked but the last ``keep``."""
+    if config.nan_policy != "stop":
+      unchecked.clear()
+      return
+    while len(unchecked) > keep:
+      bad_step, finite = unchecked.pop(0)
+      if not bool(finite):
         # The previous step's save may still be in flight: let it commit, so
         # that the checkpoint named below is the newest good one.
         manager.close()
@@ -257,12 +299,22 @@ def _run(config, workdir: Path) -> Summary:
         where = (f"step {good} in {workdir / 'checkpoints' / str(good)}"
                  if good else "none (no checkpoint was written yet)")
         raise TrainingStopped(
-            f"step {done}: the loss or gradients are NaN/Inf, so training "
-            f"stopped without saving that update; the last good checkpoint is "
-            f"{where}; lower --config.learning_rate or set "
+            f"step {bad_step}: the loss or gradients are NaN/Inf, so training "
+            f"stopped without saving that update; the last good checkpoint "
+            f"is {where}; lower --config.learning_rate or set "
             "--config.nan_policy=skip")
+
+  with checkpoints.PreemptionHandler() as preemption:
+    for step in range(start, config.num_steps):
+      batch = state_lib.shard_batch(method.batch(step), mesh)
+      state, step_metrics = train_step(state, frozen, batch)
+      done = step + 1
+      window_steps += 1
+      unchecked.append((done, step_metrics["finite"]))
+      ensure_finite(keep=1)
       last_step = done == config.num_steps
       if done % config.log_every_steps == 0 or last_step:
+        ensure_finite()
         elapsed = time.perf_counter() - window_start
         last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         last["perf/steps_per_sec"] = window_steps / elapsed
@@ -272,21 +324,25 @@ def _run(config, workdir: Path) -> Summary:
         bar.set_postfix(loss=f"{last['loss']:.4f}")
         window_start, window_steps = time.perf_counter(), 0
       if done % config.eval_every_steps == 0 or last_step:
-        scalars = evaluate(method, pipeline, state.params, done, workdir)
+        ensure_finite()
+        scalars = evaluate(config, mesh, method, pipeline, state.params, done,
+                           workdir)
         if scalars:
           writer.write(done, scalars)
           last.update(scalars)
         if best.update(done, scalars):
-          export(method, pipeline, state.params, workdir, config)
+          export(mesh, pipeline, state.params, workdir, config)
           if is_chief():
             best.write(workdir)
-        window_start = time.perf_counter()
+        # Evaluation time is not training time: the window restarts.
+        window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
       # A signal reaches each host at its own moment; all stop at one step.
       stop = distributed.any_process(preemption.stop_requested)
       early = best.exhausted
       if (done % config.checkpoint_every_steps == 0 or last_step or stop
           or early):
+        ensure_finite()
         manager.save(done, state, {"step": done, "data_position": done,
                                    **best.state()})
       if stop:
@@ -302,7 +358,7 @@ def _run(config, workdir: Path) -> Summary:
   writer.close()
   steps = int(jax.device_get(state.step))
   if stopped_by is None and best.name is None:
-    export(method, pipeline, state.params, workdir, config)
+    export(mesh, pipeline, state.params, workdir, config)
   return Summary(workdir=workdir, steps=steps, last_metrics=last,
                  stopped_by=stopped_by)
 
@@ -356,46 +412,90 @@ class Best:
         {"step": self.step, self.name: self.value}) + "\n")
 
 
-def with_params(method, pipeline, params) -> Any:
+def split_trainable(config, method: Method) -> tuple[dict, dict]:
+  """The states of the method's modules that ``config.trainable`` names.
+
+  Returns ``(params, modules)``: ``{name: state}`` of every component with at
+  least one trainable leaf (by ``config.trainable`` or one of the method's own
+  optimizers), and those components' modules. A component without one stays
+  frozen: it is never in the optimizer state.
+
+  Raises:
+    UserError: a ``config.trainable`` regex names no parameter of the
+      components the method can train.
+  """
+  states = {name: nnx.state(module)
+            for name, module in method.trainable.items()}
+  _check_patterns(config, jax.tree.leaves(optim.param_names(states)),
+                  sorted(states))
+  labels = optim.trainable_labels(
+      states, config.trainable,
+      {k: v[0] for k, v in method.extra_optimizers.items()})
+  params = {name: state for name, state in states.items()
+            if any(label != optim.FREEZE
+                   for label in jax.tree.leaves(labels[name]))}
+  return params, {name: method.trainable[name] for name in params}
+
+
+def with_params(pipeline, params) -> Any:
   """A shallow copy of ``pipeline`` whose trained modules use ``params``."""
-  replaced = {name: method.module(name, state) for name, state in params.items()
-              if name in ("unet", "text_encoder", "vae")}
+  replaced = {}
+  for name in ("unet", "text_encoder", "vae"):
+    if name in params:
+      graphdef = nnx.graphdef(getattr(pipeline, name))
+      replaced[name] = nnx.merge(graphdef, params[name])
   return dataclasses.replace(pipeline, **replaced)
 
 
-def evaluate(method, pipeline, params, step: int, workdir: Path) -> dict:
+def evaluate(config, mesh: Mesh, method: Method, pipeline, params, step: int,
+             workdir: Path) -> dict:
   """Sample grid of the eval prompts (fixed seed) and the method's own scores."""
-  config = method.config
-  current = with_params(method, pipeline, params)
-  prompts = method.eval_prompts()
+  current = with_params(pipeline, params)
+  data = config.data
+  prompts = [prompts_lib.format_prompt(p, token=data.unique_token,
+                                       class_name=data.class_name)
+             for p in config.eval.prompts]
   images = diffusion.generate(
       current, prompts, seed=config.eval.seed,
       num_inference_steps=config.eval.num_inference_steps,
       guidance_scale=config.eval.guidance_scale,
       resolution=config.data.resolution,
-      batch_size=max(len(method.ctx.mesh.devices.flat), len(prompts)),
-      batch_sharding=method.ctx.batch_sharding)
+      batch_size=max(len(mesh.devices.flat), len(prompts)),
+      batch_sharding=sharding.batch_sharding(mesh))
   if is_chief():
     metrics_lib.save_grid(images, workdir / "samples" / f"step_{step:06d}.png",
                           captions=prompts)
+  if method.evaluate is None:
+    return {}
   return method.evaluate(step, current)
 
 
-def export(method, pipeline, params, workdir: Path, config) -> Path:
-  """Writes the fine-tuned pipeline (diffusers layout) to ``<workdir>/export``."""
+def export(mesh: Mesh, pipeline, params, workdir: Path, config) -> Path:
+  """Writes the fine-tuned pipeline (diffusers layout) to ``<workdir>/export``.
+
+  Written into a temporary folder that then replaces ``export/``: a run
+  killed while exporting leaves the previous export whole, never a new
+  ``unet/`` beside an old text encoder.
+  """
   folder = workdir / "export"
   # A replicated copy: every process can then read whole arrays (on a pod no
   # process can read a sharded one), and process 0 writes them.
-  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(
-      method.ctx.mesh))(params)
+  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(
+      params)
   if is_chief():
-    trained = with_params(method, pipeline, params)
-    trained.save_pretrained(folder)
+    staging, old = workdir / ".export.tmp", workdir / ".export.old"
+    shutil.rmtree(staging, ignore_errors=True)
+    with_params(pipeline, params).save_pretrained(staging)
     # Not config.json: that name belongs to the components in diffusers
     # layouts.
-    rundir.atomic_write_text(folder / "train_config.json",
+    rundir.atomic_write_text(staging / "train_config.json",
                              json.dumps(config.to_dict(), indent=2,
                                         sort_keys=True, default=str) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+      os.rename(folder, old)
+    os.rename(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
     logging.info("exported the fine-tuned pipeline to %s", folder)
   # The final evaluation of every process reads the export.
   distributed.barrier("export")

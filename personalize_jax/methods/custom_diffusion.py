@@ -22,8 +22,14 @@ import numpy as np
 from flax import nnx
 
 from personalize_jax.engine import optim
+from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
 from personalize_jax.methods import dreambooth
+from personalize_jax.models import checkpoint
+from personalize_jax.models import tokenizer as tokenizer_lib
+
+# The pipeline components config.trainable may name.
+COMPONENTS = ("unet", "text_encoder")
 
 # What trains, as ``config.trainable`` regexes: cross-attention K/V of the
 # U-Net and the text encoder's token table (whose rows ``row_masks`` limits
@@ -91,71 +97,124 @@ def only_rows(state: nnx.State, component: str, name: str,
   return jax.tree.map(cut, names, state)
 
 
-class CustomDiffusion(dreambooth.DreamBooth):
-  """DreamBooth's loss on cross-attention K/V and a new token's embedding."""
+def resolve(config: ml_collections.ConfigDict) -> None:
+  """Without a modifier token the token table has nothing to train."""
+  if not config.custom_diffusion.modifier_token:
+    config.trainable = tuple(p for p in config.trainable if p != TRAINABLE[1])
 
-  token_id: int | None = None
 
-  def prepare(self) -> None:
-    if self.config.custom_diffusion.modifier_token:
-      self.token_id = self.add_modifier_token()
-    super().prepare()
+def base_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer of ``config.model.pretrained`` (its files only, no model)."""
+  source = config.model.pretrained
+  if source == "tiny":
+    return tokenizer_lib.load_tokenizer(source)
+  return tokenizer_lib.load_tokenizer(checkpoint.resolve_pretrained(source),
+                                      subfolder="tokenizer")
 
-  def trains_text_encoder(self) -> bool:
-    """Only the modifier token's row of the text encoder trains."""
-    return self.token_id is not None
 
-  def add_modifier_token(self) -> int:
-    """Adds the modifier token to the pipeline's tokenizer and text encoder.
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for the modifier and initializer tokens.
 
-    The tokenizer grows in place and ``pipeline.text_encoder`` is replaced by
-    one with a row more, copied from the initializer token's; the engine
-    trains and exports that pipeline, so both reach the export.
+  Reads the base model's tokenizer files (not its weights) to check that the
+  initializer is one token and the modifier token is new.
+  """
+  dreambooth.validate(config)
+  token = config.custom_diffusion.modifier_token
+  if not token:
+    return
+  if token != config.data.unique_token:
+    raise UserError(
+        f"config.custom_diffusion.modifier_token={token!r} differs from "
+        f"config.data.unique_token={config.data.unique_token!r}; the prompts "
+        "must name the subject with the new token, so set both to the same "
+        "word")
+  tokenizer = base_tokenizer(config)
+  initializer_id(tokenizer, config.custom_diffusion.initializer_token)
+  if token in tokenizer.get_vocab():
+    raise UserError(
+        f"the tokenizer of {config.model.pretrained} already has {token!r}; "
+        "pick a new word for config.custom_diffusion.modifier_token and "
+        "config.data.unique_token, e.g. '<new2>'")
 
-    Returns:
-      The new token's id.
-    """
-    cfg, pipe = self.config, self.ctx.pipeline
-    token = cfg.custom_diffusion.modifier_token
-    if token != cfg.data.unique_token:
-      raise UserError(
-          f"config.custom_diffusion.modifier_token={token!r} differs from "
-          f"config.data.unique_token={cfg.data.unique_token!r}; the prompts "
-          "must name the subject with the new token, so set both to the same "
-          "word")
-    source_id = initializer_id(pipe.tokenizer,
-                               cfg.custom_diffusion.initializer_token)
-    if pipe.tokenizer.add_tokens(token) != 1:
-      raise UserError(
-          f"the tokenizer of {cfg.model.pretrained} already has {token!r}; "
-          "pick a new word for config.custom_diffusion.modifier_token and "
-          "config.data.unique_token, e.g. '<new2>'")
-    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
-    encoder = pipe.text_encoder
-    if token_id != encoder.config.vocab_size:
-      raise ValueError(
-          f"the new token got id {token_id} but the text encoder has "
-          f"{encoder.config.vocab_size} rows; tokenizer and text encoder of "
-          f"{cfg.model.pretrained} do not match")
-    table = encoder.text_model.embeddings.token_embedding.embedding.get_value()
-    pipe.text_encoder = encoder.with_added_tokens(table[source_id][None])
-    return int(token_id)
 
-  def new_rows(self) -> np.ndarray:
-    """Bool ``(vocab_size,)``: the token-table rows that train."""
-    size = self.ctx.pipeline.text_encoder.config.vocab_size
-    return np.arange(size) == self.token_id
+def add_modifier_token(ctx: Context) -> int:
+  """Adds the modifier token to the pipeline's tokenizer and text encoder.
 
-  def row_masks(self) -> dict:
-    if self.token_id is None:
-      return {}
-    return {TOKEN_TABLE: self.new_rows()}
+  The tokenizer grows in place and ``pipeline.text_encoder`` is replaced by
+  one with a row more, copied from the initializer token's; the engine
+  trains and exports that pipeline, so both reach the export.
 
-  def loss_fn(self, params, frozen, batch, rng):
-    if self.token_id is not None:
-      # Only the new row gets a gradient, so clipping and the reported
-      # gradient norm see what trains (diffusers zeroes the other rows' too).
-      params = dict(params, text_encoder=only_rows(
-          params["text_encoder"], "text_encoder", TOKEN_TABLE,
-          jnp.asarray(self.new_rows())))
-    return super().loss_fn(params, frozen, batch, rng)
+  Returns:
+    The new token's id.
+  """
+  cfg, pipe = ctx.config, ctx.pipeline
+  token = cfg.custom_diffusion.modifier_token
+  source_id = initializer_id(pipe.tokenizer,
+                             cfg.custom_diffusion.initializer_token)
+  if pipe.tokenizer.add_tokens(token) != 1:
+    raise UserError(
+        f"the tokenizer of {cfg.model.pretrained} already has {token!r}; "
+        "pick a new word for config.custom_diffusion.modifier_token and "
+        "config.data.unique_token, e.g. '<new2>'")
+  token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+  encoder = pipe.text_encoder
+  if token_id != encoder.config.vocab_size:
+    raise ValueError(
+        f"the new token got id {token_id} but the text encoder has "
+        f"{encoder.config.vocab_size} rows; tokenizer and text encoder of "
+        f"{cfg.model.pretrained} do not match")
+  table = encoder.text_model.embeddings.token_embedding.embedding.get_value()
+  pipe.text_encoder = encoder.with_added_tokens(table[source_id][None])
+  return int(token_id)
+
+
+def new_rows(vocab_size: int, token_id: int) -> np.ndarray:
+  """Bool ``(vocab_size,)``: the token-table rows that train."""
+  return np.arange(vocab_size) == token_id
+
+
+def restrict(params, rows: np.ndarray | None):
+  """``params`` whose token table passes gradients through ``rows`` only.
+
+  Clipping and the reported gradient norm then see what trains (diffusers
+  zeroes the other rows' gradients too); None or no trained text encoder
+  leaves ``params`` as they are.
+  """
+  if rows is None or "text_encoder" not in params:
+    return params
+  return dict(params, text_encoder=only_rows(
+      params["text_encoder"], "text_encoder", TOKEN_TABLE, jnp.asarray(rows)))
+
+
+def setup(ctx: Context) -> tuple[dict, np.ndarray | None]:
+  """What trains: ``({name: module}, token-table rows or None)``.
+
+  Adds the modifier token first (when there is one), so that the grown text
+  encoder is the one that trains and is exported.
+  """
+  token_id = None
+  if ctx.config.custom_diffusion.modifier_token:
+    token_id = add_modifier_token(ctx)
+  trainable = {"unet": ctx.pipeline.unet, **dreambooth.text_modules(ctx)}
+  rows = None
+  if token_id is not None and "text_encoder" in trainable:
+    rows = new_rows(ctx.pipeline.text_encoder.config.vocab_size, token_id)
+  return trainable, rows
+
+
+def build(ctx: Context) -> Method:
+  """DreamBooth's loss on cross-attention K/V and the new token's row."""
+  config = ctx.config
+  trainable, rows = setup(ctx)
+  data = dreambooth.prepare(ctx, text_trains="text_encoder" in trainable)
+  graphs = ctx.graphs(trainable)
+
+  def loss_fn(params, frozen, batch, rng):
+    return dreambooth.denoising_loss(config, graphs, data,
+                                     restrict(params, rows), frozen, batch, rng)
+
+  return Method(
+      trainable=trainable, loss_fn=loss_fn,
+      batch=lambda step: dreambooth.make_batch(config, data, step),
+      constants=dreambooth.constants(data),
+      row_masks={} if rows is None else {TOKEN_TABLE: rows})

@@ -7,7 +7,7 @@ diffusers' ``train_dreambooth.py``: epsilon (or v) targets, timesteps uniform
 over the training schedule, VAE latents sampled from the posterior each step.
 """
 
-import io
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -16,14 +16,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image
 
 from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
-from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.engine import distributed, rundir
-from personalize_jax.methods import base
+from personalize_jax.engine import distributed, optim
+from personalize_jax.engine.method import Context, Graphs, Method
+from personalize_jax.errors import UserError
+from personalize_jax.methods import common
 from personalize_jax.models import tokenizer as tokenizer_lib
+
+# The pipeline components config.trainable may name.
+COMPONENTS = ("unet", "text_encoder")
+
+TEXT_ENCODER = r"^text_encoder\."  # the regex train_text_encoder adds.
 
 
 def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -36,141 +41,247 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.class_images_dir = ""  # where class images live; "" = <workdir>/class_images.
   d.class_inference_steps = 50  # DDIM steps when generating class images.
   d.class_guidance_scale = 7.5  # guidance when generating class images.
-  d.train_text_encoder = False  # also fine-tune the CLIP text encoder.
+  # Also fine-tune the CLIP text encoder: True adds "^text_encoder\\." to
+  # config.trainable, False removes it, None leaves config.trainable as set.
+  d.train_text_encoder = ml_collections.config_dict.placeholder(bool)
   c.dreambooth = d
   return c
 
 
-class DreamBooth(base.Method):
-  """Instance + prior-preservation denoising loss."""
+def resolve(config: ml_collections.ConfigDict) -> None:
+  """Applies ``dreambooth.train_text_encoder`` to ``config.trainable``."""
+  switch = config.dreambooth.get("train_text_encoder")
+  if switch is None:
+    return
+  patterns = [p for p in config.trainable if p != TEXT_ENCODER]
+  if switch:
+    patterns.append(TEXT_ENCODER)
+  config.trainable = tuple(patterns)
 
-  def prepare(self) -> None:
-    cfg, pipe = self.config, self.ctx.pipeline
-    self.scaling = pipe.vae.scaling_factor
-    self.schedule = pipe.schedule
-    prompt = self.instance_prompt()
-    self.check_prompts([prompt] + self.eval_prompts())
-    self.instance = self.encode_latents(
-        self.pixels(self.instance_images(), flips=cfg.data.random_flip),
-        "instance_latents")
-    self.num_instance = len(self.instance["mean"])
-    self.num_flips = 2 if cfg.data.random_flip else 1
-    prompts = [prompt]
-    if cfg.dreambooth.prior_preservation:
-      class_prompt = prompts_lib.format_prompt(
-          cfg.dreambooth.class_prompt, token=cfg.data.unique_token,
-          class_name=cfg.data.class_name)
-      prompts.append(class_prompt)
-      self.klass = self.encode_latents(
-          self.pixels(self.class_images(class_prompt), flips=False),
-          "class_latents")
-    if self.trains_text_encoder():
-      # The text encoder trains, so prompts are encoded at every step.
-      self.ids = tokenizer_lib.tokenize(pipe.tokenizer, prompts)
-    else:
-      self.emb = self.encode_text(prompts, "prompt_embeddings")
 
-  def trains_text_encoder(self) -> bool:
-    """Whether (part of) the text encoder trains with the U-Net."""
-    return self.config.dreambooth.train_text_encoder
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for ``config.dreambooth`` values a user can get wrong."""
+  d = config.dreambooth
 
-  def class_images(self, class_prompt: str) -> list[np.ndarray]:
-    """Class images from disk, generating the missing ones with the base model."""
-    cfg = self.config.dreambooth
-    folder = Path(cfg.class_images_dir or self.ctx.workdir / "class_images")
+  def fail(key, valid):
+    raise UserError(f"config.dreambooth.{key}={d[key]!r} is invalid: {valid}")
+
+  if d.prior_preservation:
+    for key in ("num_class_images", "class_inference_steps"):
+      if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+        fail(key, "it must be a positive integer (or set "
+             "dreambooth.prior_preservation=false)")
+    if not d.prior_loss_weight >= 0:
+      fail("prior_loss_weight", "it must be a number >= 0")
+    if not d.class_prompt.strip():
+      fail("class_prompt", "write a prompt of the plain class, e.g. "
+           "'a photo of {class_name}'")
+    if d.class_images_dir and not Path(d.class_images_dir).is_dir():
+      parent = Path(d.class_images_dir).expanduser().parent
+      if not parent.is_dir():
+        fail("class_images_dir", f"its parent folder {parent} does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What DreamBooth trains on, prepared once and cached in the workdir.
+
+  Attributes:
+    instance: posterior ``mean``/``std`` ``(n * flips, h, w, c)`` of the
+      photos; flipped copies follow the originals.
+    klass: the same for the class images, or None without prior preservation.
+    num_flips: 2 when flipped copies are in ``instance``, else 1.
+    text: ``{"ids": (p, 77)}`` when the text encoder trains (prompts are
+      encoded every step), else ``{"emb": (p, 77, d)}``; prompt 0 is the
+      instance prompt, prompt 1 the class prompt.
+    scaling: the VAE's latent scaling factor.
+    schedule: the training noise schedule.
+  """
+  instance: dict
+  klass: dict | None
+  num_flips: int
+  text: dict
+  scaling: float
+  schedule: diffusion.NoiseSchedule
+
+
+def trains(config: ml_collections.ConfigDict, component: str,
+           module) -> bool:
+  """Whether ``config.trainable`` names a parameter of ``module``."""
+  labels = optim.trainable_labels({component: nnx.state(module, nnx.Param)},
+                                  config.trainable)
+  return optim.TRAIN in jax.tree.leaves(labels)
+
+
+def prepare(ctx: Context, *, text_trains: bool) -> Data:
+  """Latents of the photos and class images, and the prompts' text inputs."""
+  cfg, pipe = ctx.config, ctx.pipeline
+  prompt = common.instance_prompt(cfg)
+  common.check_prompts(ctx, [prompt] + eval_prompts(cfg))
+  num_flips = 2 if cfg.data.random_flip else 1
+  instance = common.encode_latents(
+      ctx, common.pixels(cfg, common.instance_images(ctx),
+                         flips=cfg.data.random_flip), "instance_latents")
+  prompts, klass = [prompt], None
+  if cfg.dreambooth.prior_preservation:
+    class_prompt = common.format_prompts(cfg, [cfg.dreambooth.class_prompt])[0]
+    prompts.append(class_prompt)
+    klass = common.encode_latents(
+        ctx, common.pixels(cfg, class_images(ctx, class_prompt), flips=False),
+        "class_latents")
+  if text_trains:
+    text = {"ids": tokenizer_lib.tokenize(pipe.tokenizer, prompts)}
+  else:
+    text = {"emb": common.encode_text(ctx, prompts, "prompt_embeddings")}
+  return Data(instance=instance, klass=klass, num_flips=num_flips, text=text,
+              scaling=pipe.vae.scaling_factor, schedule=pipe.schedule)
+
+
+def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  return common.format_prompts(config, config.eval.prompts)
+
+
+def class_images(ctx: Context, class_prompt: str) -> list[np.ndarray]:
+  """Class images from disk, generating the missing ones with the base model."""
+  cfg = ctx.config.dreambooth
+  folder = Path(cfg.class_images_dir or ctx.workdir / "class_images")
+  have = sorted(folder.glob("class_*.png"))
+  missing = cfg.num_class_images - len(have)
+  # Every process has counted before process 0 writes: they all take part
+  # in generating, or none does.
+  distributed.barrier("class_images_counted")
+  if missing > 0:
+    logging.info("generating %d class images for %r", missing, class_prompt)
+    images = diffusion.generate(
+        ctx.pipeline, [class_prompt] * missing,
+        rng=jax.random.fold_in(jax.random.key(ctx.config.seed), len(have)),
+        num_inference_steps=cfg.class_inference_steps,
+        guidance_scale=cfg.class_guidance_scale,
+        resolution=ctx.config.data.resolution,
+        batch_size=max(len(ctx.mesh.devices.flat), 4), progress=True,
+        batch_sharding=ctx.batch_sharding)
+    if distributed.is_chief():
+      folder.mkdir(parents=True, exist_ok=True)
+      for i, image in enumerate(images):
+        common.save_png(folder / f"class_{len(have) + i:05d}.png", image)
+    distributed.barrier("class_images_written")
     have = sorted(folder.glob("class_*.png"))
-    missing = cfg.num_class_images - len(have)
-    # Every process has counted before process 0 writes: they all take part
-    # in generating, or none does.
-    distributed.barrier("class_images_counted")
-    if missing > 0:
-      logging.info("generating %d class images for %r", missing, class_prompt)
-      images = diffusion.generate(
-          self.ctx.pipeline, [class_prompt] * missing,
-          rng=jax.random.fold_in(jax.random.key(self.config.seed), len(have)),
-          num_inference_steps=cfg.class_inference_steps,
-          guidance_scale=cfg.class_guidance_scale,
-          resolution=self.config.data.resolution,
-          batch_size=max(len(self.ctx.mesh.devices.flat), 4), progress=True,
-          batch_sharding=self.ctx.batch_sharding)
-      if distributed.is_chief():
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-          buffer = io.BytesIO()
-          Image.fromarray(image).save(buffer, format="PNG")
-          # Atomic: a killed run leaves no cut-off image to count as done.
-          rundir.atomic_write_bytes(folder / f"class_{len(have) + i:05d}.png",
-                                    buffer.getvalue())
-      distributed.barrier("class_images_written")
-      have = sorted(folder.glob("class_*.png"))
-    return [images_lib.load_image(p, min_side=1)
-            for p in have[:cfg.num_class_images]]
+  return [images_lib.load_image(p, min_side=1)
+          for p in have[:cfg.num_class_images]]
 
-  def trainable_modules(self) -> dict[str, nnx.Module]:
-    pipe = self.ctx.pipeline
-    modules = {"unet": pipe.unet}
-    if self.trains_text_encoder():
-      modules["text_encoder"] = pipe.text_encoder
-    return modules
 
-  def constants(self) -> dict[str, np.ndarray]:
-    if self.trains_text_encoder():
-      return {"ids": self.ids}
-    return {"emb": self.emb}
+def make_batch(config: ml_collections.ConfigDict, data: Data,
+               step: int) -> dict[str, np.ndarray]:
+  """Step ``step``'s instance rows (and class rows): a pure function of it."""
+  bs = config.batch_size
+  images = len(data.instance["mean"]) // data.num_flips
+  idx = common.epoch_indices(config.seed, step, bs, images)
+  flip = np.random.default_rng([config.seed, step, 1]).integers(
+      0, data.num_flips, bs)
+  idx = idx + flip * images
+  out = {"instance_mean": data.instance["mean"][idx],
+         "instance_std": data.instance["std"][idx]}
+  if data.klass is not None:
+    cidx = common.epoch_indices(config.seed + 1, step, bs,
+                                len(data.klass["mean"]))
+    out.update(class_mean=data.klass["mean"][cidx],
+               class_std=data.klass["std"][cidx])
+  return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    cfg, bs = self.config, self.config.batch_size
-    images = self.num_instance // self.num_flips
-    idx = base.epoch_indices(cfg.seed, step, bs, images)
-    flip = np.random.default_rng([cfg.seed, step, 1]).integers(
-        0, self.num_flips, bs)
-    idx = idx + flip * images
-    out = {"instance_mean": self.instance["mean"][idx],
-           "instance_std": self.instance["std"][idx]}
-    if cfg.dreambooth.prior_preservation:
-      cidx = base.epoch_indices(cfg.seed + 1, step, bs, len(self.klass["mean"]))
-      out.update(class_mean=self.klass["mean"][cidx],
-                 class_std=self.klass["std"][cidx])
-    return out
 
-  def prompt_embeddings(self, params, frozen) -> jax.Array:
-    """``(num_prompts, 77, d)``: instance prompt first, then the class prompt."""
-    if "text_encoder" in params:
-      encoder = self.module("text_encoder", params["text_encoder"])
-      return encoder(frozen["constants"]["ids"])
-    return frozen["constants"]["emb"]
+def constants(data: Data) -> dict[str, np.ndarray]:
+  return dict(data.text)
 
-  def training_rows(self, params, frozen, batch, rng):
-    """Latents and text states of the step's rows: instances, then class.
 
-    Returns ``(latents, embs)`` with ``batch`` instance rows first and, with
-    prior preservation, as many class rows after them.
-    """
-    emb = self.prompt_embeddings(params, frozen)
-    bs = batch["instance_mean"].shape[0]
-    means, stds = [batch["instance_mean"]], [batch["instance_std"]]
-    embs = [jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])]
-    if self.config.dreambooth.prior_preservation:
-      means.append(batch["class_mean"])
-      stds.append(batch["class_std"])
-      embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
-    latents = base.sample_latents(jnp.concatenate(means),
-                                  jnp.concatenate(stds), rng, self.scaling)
-    return latents, jnp.concatenate(embs)
+def prompt_embeddings(graphs: Graphs, params, frozen) -> jax.Array:
+  """``(num_prompts, 77, d)``: instance prompt first, then the class prompt."""
+  constants_ = frozen["constants"]
+  if "ids" in constants_:
+    return graphs("text_encoder", params, frozen)(constants_["ids"])
+  return constants_["emb"]
 
-  def loss_fn(self, params, frozen, batch, rng):
-    unet = self.module("unet", params["unet"])
-    latent_rng, noise_rng = jax.random.split(rng)
-    latents, embs = self.training_rows(params, frozen, batch, latent_rng)
-    bs = batch["instance_mean"].shape[0]
-    prior = self.config.dreambooth.prior_preservation
-    err = base.noise_prediction_error(unet, self.schedule, latents, embs,
-                                      noise_rng)
-    instance_loss = jnp.mean(err[:bs])
-    metrics = {"loss/instance": instance_loss}
-    loss = instance_loss
-    if prior:
-      prior_loss = jnp.mean(err[bs:])
-      loss = loss + self.config.dreambooth.prior_loss_weight * prior_loss
-      metrics["loss/prior"] = prior_loss
-    return loss, metrics
+
+def training_rows(graphs: Graphs, scaling: float, params, frozen, batch, rng):
+  """Latents and text states of the step's rows: instances, then class.
+
+  Returns ``(latents, embs)`` with the batch's instance rows first and, with
+  prior preservation (class rows in ``batch``), as many class rows after them.
+  """
+  emb = prompt_embeddings(graphs, params, frozen)
+  bs = batch["instance_mean"].shape[0]
+  means, stds = [batch["instance_mean"]], [batch["instance_std"]]
+  embs = [jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])]
+  if "class_mean" in batch:
+    means.append(batch["class_mean"])
+    stds.append(batch["class_std"])
+    embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
+  latents = common.sample_latents(jnp.concatenate(means),
+                                  jnp.concatenate(stds), rng, scaling)
+  return latents, jnp.concatenate(embs)
+
+
+def loss_from_errors(err: jax.Array, batch_size: int, *,
+                     prior_loss_weight: float | None,
+                     instance_loss_weight: float = 1.0
+                     ) -> tuple[jax.Array, dict]:
+  """DreamBooth's loss from per-sample denoising errors.
+
+  Args:
+    err: ``(batch_size,)`` instance errors, then (with prior preservation)
+      ``(batch_size,)`` class errors.
+    batch_size: the number of instance rows.
+    prior_loss_weight: weight of the class-prior term; None: no prior rows.
+    instance_loss_weight: weight of the instance term.
+
+  Returns:
+    ``(loss, metrics)`` with ``loss/instance`` (and ``loss/prior``).
+  """
+  instance_loss = jnp.mean(err[:batch_size])
+  metrics = {"loss/instance": instance_loss}
+  loss = instance_loss_weight * instance_loss
+  if prior_loss_weight is not None:
+    prior_loss = jnp.mean(err[batch_size:])
+    loss = loss + prior_loss_weight * prior_loss
+    metrics["loss/prior"] = prior_loss
+  return loss, metrics
+
+
+def prior_weight(config: ml_collections.ConfigDict) -> float | None:
+  d = config.dreambooth
+  return d.prior_loss_weight if d.prior_preservation else None
+
+
+def denoising_loss(config, graphs: Graphs, data: Data, params, frozen, batch,
+                   rng) -> tuple[jax.Array, dict]:
+  """DreamBooth's loss: instance (and class-prior) denoising errors."""
+  schedule = data.schedule
+  unet = graphs("unet", params, frozen)
+  latent_rng, noise_rng = jax.random.split(rng)
+  latents, embs = training_rows(graphs, data.scaling, params, frozen, batch,
+                                latent_rng)
+  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape)
+  err = diffusion.denoising_error(unet, schedule, latents, noise, t, embs)
+  return loss_from_errors(err, batch["instance_mean"].shape[0],
+                          prior_loss_weight=prior_weight(config))
+
+
+def text_modules(ctx: Context) -> dict:
+  """``{"text_encoder": module}`` when ``config.trainable`` names it, else {}."""
+  encoder = ctx.pipeline.text_encoder
+  if trains(ctx.config, "text_encoder", encoder):
+    return {"text_encoder": encoder}
+  return {}
+
+
+def build(ctx: Context) -> Method:
+  """DreamBooth on ``ctx.pipeline``: the U-Net (and text encoder) train."""
+  config = ctx.config
+  trainable = {"unet": ctx.pipeline.unet, **text_modules(ctx)}
+  data = prepare(ctx, text_trains="text_encoder" in trainable)
+  graphs = ctx.graphs(trainable)
+  return Method(
+      trainable=trainable,
+      loss_fn=lambda params, frozen, batch, rng: denoising_loss(
+          config, graphs, data, params, frozen, batch, rng),
+      batch=lambda step: make_batch(config, data, step),
+      constants=constants(data))

@@ -44,6 +44,8 @@ method it builds on: DreamBooth, or Custom Diffusion (what trains, the new
 token).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,10 +53,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from personalize_jax import diffusion
 from personalize_jax import rewards as rewards_lib
+from personalize_jax.engine.method import Context, Graphs, Method, state_of
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base, custom_diffusion, dreambooth
+from personalize_jax.methods import common, custom_diffusion, dreambooth
 from personalize_jax.models.qnetwork import QNetwork
+
+# The pipeline components config.trainable may name.
+COMPONENTS = ("unet", "text_encoder")
 
 REWARDS = {"latent": ("latent",), "dino": ("dino",), "both": ("latent", "dino")}
 CRITIC_TARGETS = ("one_step", "td")
@@ -82,7 +89,18 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
+def resolve(config: ml_collections.ConfigDict) -> None:
+  """The base method's convenience switches."""
+  _base_module(config).resolve(config)
+
+
+def _base_module(config: ml_collections.ConfigDict):
+  if config.lookforward.base == "custom_diffusion":
+    return custom_diffusion
+  return dreambooth
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ``UserError`` naming the first bad ``config.lookforward`` value."""
   lf = config.lookforward
   choices = (("base", BASES), ("reward", tuple(REWARDS)),
@@ -109,6 +127,11 @@ def _check(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < lf.gamma <= 1.0:
     raise UserError(f"config.lookforward.gamma={lf.gamma!r} is invalid: use a "
                     "discount in (0, 1]")
+  if not lf.critic_learning_rate > 0:
+    raise UserError("config.lookforward.critic_learning_rate="
+                    f"{lf.critic_learning_rate!r} is invalid: it must be a "
+                    "positive number")
+  _base_module(config).validate(config)
 
 
 def latent_reward(x0_hat: jax.Array, x0: jax.Array) -> jax.Array:
@@ -136,233 +159,230 @@ def soft_update(target, online, tau: float, due: jax.Array):
       target, online)
 
 
-class LookForward(dreambooth.DreamBooth):
-  """DreamBooth's losses plus the look-forward actor and its critic(s)."""
-
-  def __new__(cls, ctx: base.Context):
-    # One method name for the engine; the config picks what it builds on.
-    if cls is LookForward and ctx.config.lookforward.base == "custom_diffusion":
-      cls = LookForwardCustomDiffusion
-    return super().__new__(cls)
-
-  def __init__(self, ctx: base.Context):
-    super().__init__(ctx)
-    _check(self.config)
-    lf = self.config.lookforward
-    self.terms = REWARDS[lf.reward]
-    # "both" weighs the DINO term; a single reward has weight 1.
-    self.weights = ({"latent": 1.0, "dino": lf.dino_weight}
-                    if lf.reward == "both" else {lf.reward: 1.0})
-    self.td = lf.critic and lf.critic_target == "td"
-    self.post_update = self.update_target if self.td else None
-
-  # ------------------------------------------------------------------ data
-
-  def prepare(self) -> None:
-    super().prepare()
-    cfg = self.config
-    lf = cfg.lookforward
-    if "dino" in self.terms:
-      dtype = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
-      self.dino = rewards_lib.DinoReward.from_pretrained(
-          lf.dino_model, dtype=dtype, seed=cfg.seed)
-      self.dino_reference = self.reference_embeddings()
-    if lf.critic:
-      self.build_critics(self.instance["mean"].shape[1])
-
-  def build_critics(self, latent_size: int) -> None:
-    """A ``QNetwork`` per reward term (and a target copy of them for TD)."""
-    make = lambda: nnx.Dict({term: QNetwork(latent_size, rngs=nnx.Rngs(
-        self.config.seed + i)) for i, term in enumerate(self.terms)})
-    self.critics = make()
-    # Same seeds: the target starts as an exact copy of the online critic.
-    self.targets = make() if self.td else None
-
-  def reference_embeddings(self) -> np.ndarray:
-    """DINO embeddings of the subject's photos (``cache/dino_reference.npz``).
-
-    The photos go through the training preprocessing (crop, resize to the
-    training resolution, [-1, 1]) and then the reward's own path, so they are
-    embedded exactly as decoded look-forward samples are.
-    """
-    pixels = self.pixels(self.instance_images(), flips=False)
-
-    def compute():
-      graphdef, state = nnx.split(self.dino)
-      emb = jax.jit(lambda s, x: nnx.merge(graphdef, s).embed(x))(
-          state, jnp.asarray(pixels))
-      return {"emb": np.asarray(emb, np.float32)}
-
-    path = self.ctx.cache_dir / "dino_reference.npz"
-    return base.cached(path, compute)["emb"]
-
-  def trainable_modules(self) -> dict[str, nnx.Module]:
-    modules = super().trainable_modules()
-    if self.config.lookforward.critic:
-      modules[CRITIC] = self.critics
-    if self.td:
-      modules[TARGET] = self.targets
-    return modules
-
-  def frozen_modules(self) -> dict[str, nnx.Module]:
-    modules = super().frozen_modules()
-    if "dino" in self.terms:
-      modules.update(vae=self.ctx.pipeline.vae, dino=self.dino)
-    return modules
-
-  def constants(self) -> dict[str, np.ndarray]:
-    out = dict(super().constants())
-    if "dino" in self.terms:
-      out["dino_reference"] = self.dino_reference
-    return out
-
-  # ------------------------------------------------------------ optimizers
-
-  def extra_optimizers(self) -> dict:
-    lf = self.config.lookforward
-    out = dict(super().extra_optimizers())
-    if lf.critic:
-      # The public code trains its critic with plain SGD at lr 0.01. Unclipped,
-      # one noisy timestep (whose look-forward error is (1 - abar) / abar,
-      # up to ~200, times the noise error) can throw it off for good.
-      sgd = optax.sgd(lf.critic_learning_rate)
-      if lf.critic_clip_grad_norm > 0:
-        sgd = optax.chain(optax.clip_by_global_norm(lf.critic_clip_grad_norm),
-                          sgd)
-      out["critic"] = ([rf"^{CRITIC}\."], sgd)
-    if self.td:
-      # Only ``update_target`` moves the target network.
-      out["critic_target"] = ([rf"^{TARGET}\."], optax.set_to_zero())
-    return out
-
-  def update_target(self, params, step: jax.Array):
-    """``post_update``: moves the target critic towards the online one."""
-    lf = self.config.lookforward
-    due = (step + 1) % lf.target_update_every_steps == 0
-    return dict(params, **{TARGET: soft_update(
-        params[TARGET], params[CRITIC], lf.target_tau, due)})
-
-  # ------------------------------------------------------------------ loss
-
-  def rewards(self, frozen, x0_hat: jax.Array, x0: jax.Array) -> dict:
-    """``{term: (b,)}`` rewards of look-forward latents (U-Net scale)."""
-    out = {}
-    if "latent" in self.terms:
-      out["latent"] = latent_reward(x0_hat, x0)
-    if "dino" in self.terms:
-      # Frozen weights: no gradient is spent on (or leaks into) them.
-      modules = jax.lax.stop_gradient(frozen["modules"])
-      vae = self.module("vae", modules["vae"])
-      dino = self.module("dino", modules["dino"])
-      images = vae.decode(x0_hat / self.scaling)
-      out["dino"] = dino(images, frozen["constants"]["dino_reference"])
-    return out
-
-  def next_look_forward(self, params, noisy, pred, t, emb):
-    """x0_hat at ``x_{t-1}``, the deterministic DDIM step of the action.
-
-    The TD target's next state: one more (gradient-free) U-Net call.
-    """
-    sg = jax.lax.stop_gradient
-    schedule = self.schedule
-    x_prev, _ = schedule.ddim_step(sg(noisy), sg(pred), t,
-                                   schedule.num_train_timesteps)
-    t_prev = jnp.maximum(t - 1, 0)
-    unet = self.module("unet", sg(params["unet"]))
-    pred_prev = unet(x_prev, t_prev, sg(emb)).astype(jnp.float32)
-    return schedule.predict_x0(x_prev, pred_prev, t_prev)
-
-  def loss_fn(self, params, frozen, batch, rng):
-    cfg = self.config
-    lf = cfg.lookforward
-    sg = jax.lax.stop_gradient
-    unet = self.module("unet", params["unet"])
-    latent_rng, noise_rng = jax.random.split(rng)
-    latents, embs = self.training_rows(params, frozen, batch, latent_rng)
-    bs = batch["instance_mean"].shape[0]
-    prior = cfg.dreambooth.prior_preservation
-    # The draws of base.noise_prediction_error, so that with actor_weight=0
-    # the loss is DreamBooth's exactly.
-    eps_rng, t_rng = jax.random.split(noise_rng)
-    noise = jax.random.normal(eps_rng, latents.shape, jnp.float32)
-    t = self.schedule.sample_timesteps(t_rng, latents.shape[0])
-    noisy = self.schedule.add_noise(latents, noise, t)
-    pred = unet(noisy, t, embs).astype(jnp.float32)
-    target = self.schedule.training_target(latents, noise, t)
-    err = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
-    instance_loss = jnp.mean(err[:bs])
-    loss = lf.instance_loss_weight * instance_loss
-    metrics = {"loss/instance": instance_loss}
-    if prior:
-      prior_loss = jnp.mean(err[bs:])
-      loss = loss + cfg.dreambooth.prior_loss_weight * prior_loss
-      metrics["loss/prior"] = prior_loss
-
-    # Look forward from the instance rows only: the reward is about the subject.
-    x0, t0 = latents[:bs], t[:bs]
-    x0_hat = self.schedule.predict_x0(noisy[:bs], pred[:bs], t0)
-    rewards = self.rewards(frozen, x0_hat if not lf.critic else sg(x0_hat), x0)
-    latent = rewards.get("latent")
-    if latent is None:  # not a reward here, but worth watching
-      latent = latent_reward(sg(x0_hat), x0)
-    metrics["reward/latent"] = jnp.mean(latent)
-    if "dino" in rewards:
-      metrics["reward/dino"] = jnp.mean(rewards["dino"])
-    if lf.critic:
-      q, critic_loss = self.critic_terms(params, x0_hat, x0, rewards,
-                                         (noisy[:bs], pred[:bs], t0, embs[:bs]))
-      loss = loss + critic_loss
-      metrics["loss/critic"] = critic_loss
-    else:
-      # Without a critic the actor maximises the (weighted) reward itself.
-      q = sum(self.weights[k] * r for k, r in rewards.items())
-    actor_loss = -lf.actor_weight * jnp.mean(discount(lf.gamma, t0) * q)
-    metrics.update({"loss/actor": actor_loss, "q/mean": jnp.mean(q)})
-    return loss + actor_loss, metrics
-
-  def critic_terms(self, params, x0_hat, x0, rewards, step_inputs):
-    """The actor's ``Q`` ``(b,)`` (a reward) and the critics' regression loss.
-
-    Args:
-      params: all trainable parameters.
-      x0_hat: look-forward latents of the instance rows (differentiable).
-      x0: their clean latents.
-      rewards: ``{term: (b,)}`` rewards of ``x0_hat`` (regression targets).
-      step_inputs: ``(x_t, prediction, t, text embeddings)`` of those rows,
-        for the TD target's next state.
-    """
-    lf = self.config.lookforward
-    sg = jax.lax.stop_gradient
-    online = self.module(CRITIC, params[CRITIC])
-    frozen_online = self.module(CRITIC, sg(params[CRITIC]))
-    if self.td:
-      targets = self.module(TARGET, sg(params[TARGET]))
-      x0_next = self.next_look_forward(params, *step_inputs)
-      alive = (step_inputs[2] > 0).astype(jnp.float32)  # t = 0 ends the chain
-    q, critic_loss = 0.0, 0.0
-    for term in self.terms:
-      cost = sg(-rewards[term])
-      if self.td:
-        cost = cost + lf.gamma * alive * targets[term](
-            critic_input(term, x0_next, x0))
-      fitted = online[term](sg(critic_input(term, x0_hat, x0)))
-      critic_loss = critic_loss + jnp.mean((fitted - cost) ** 2)
-      q = q - self.weights[term] * frozen_online[term](
-          critic_input(term, x0_hat, x0))
-    return q, critic_loss
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What Look Forward's loss closes over (built once by ``build``)."""
+  config: ml_collections.ConfigDict
+  graphs: Graphs
+  data: dreambooth.Data
+  terms: tuple[str, ...]
+  weights: dict
+  td: bool
+  rows: np.ndarray | None  # Custom Diffusion's token-table rows, or None.
 
 
-class LookForwardCustomDiffusion(LookForward, custom_diffusion.CustomDiffusion):
-  """Look Forward on Custom Diffusion: its data, what trains and the new token.
+def make_critics(terms, latent_size: int, seed: int) -> nnx.Dict:
+  """A ``QNetwork`` per reward term, seeded ``seed``, ``seed + 1``, ..."""
+  return nnx.Dict({term: QNetwork(latent_size, rngs=nnx.Rngs(seed + i))
+                   for i, term in enumerate(terms)})
 
-  The MRO puts Custom Diffusion's ``prepare``, ``trainable_modules``,
-  ``constants`` and ``row_masks`` under Look Forward's, which extend them.
+
+def reference_embeddings(ctx: Context, dino) -> np.ndarray:
+  """DINO embeddings of the subject's photos (``cache/dino_reference.npz``).
+
+  The photos go through the training preprocessing (crop, resize to the
+  training resolution, [-1, 1]) and then the reward's own path, so they are
+  embedded exactly as decoded look-forward samples are.
   """
+  pixels = common.pixels(ctx.config, common.instance_images(ctx), flips=False)
 
-  def loss_fn(self, params, frozen, batch, rng):
-    if self.token_id is not None:
-      # As CustomDiffusion.loss_fn: only the new token's row gets a gradient.
-      params = dict(params, text_encoder=custom_diffusion.only_rows(
-          params["text_encoder"], "text_encoder", custom_diffusion.TOKEN_TABLE,
-          jnp.asarray(self.new_rows())))
-    return super().loss_fn(params, frozen, batch, rng)
+  def compute():
+    graphdef, state = nnx.split(dino)
+    emb = jax.jit(lambda s, x: nnx.merge(graphdef, s).embed(x))(
+        state, jnp.asarray(pixels))
+    return {"emb": np.asarray(emb, np.float32)}
+
+  return common.cached(ctx.cache_dir / "dino_reference.npz", compute)["emb"]
+
+
+def critic_optimizers(config: ml_collections.ConfigDict, td: bool) -> dict:
+  """The critic's SGD (and the frozen target's zero update), by label."""
+  lf = config.lookforward
+  out = {}
+  if lf.critic:
+    # The public code trains its critic with plain SGD at lr 0.01. Unclipped,
+    # one noisy timestep (whose look-forward error is (1 - abar) / abar,
+    # up to ~200, times the noise error) can throw it off for good.
+    sgd = optax.sgd(lf.critic_learning_rate)
+    if lf.critic_clip_grad_norm > 0:
+      sgd = optax.chain(optax.clip_by_global_norm(lf.critic_clip_grad_norm),
+                        sgd)
+    out["critic"] = ([rf"^{CRITIC}\."], sgd)
+  if td:
+    # Only ``update_target`` moves the target network.
+    out["critic_target"] = ([rf"^{TARGET}\."], optax.set_to_zero())
+  return out
+
+
+def update_target(config: ml_collections.ConfigDict, params, step: jax.Array):
+  """``post_update``: moves the target critic towards the online one."""
+  lf = config.lookforward
+  due = (step + 1) % lf.target_update_every_steps == 0
+  return dict(params, **{TARGET: soft_update(
+      params[TARGET], params[CRITIC], lf.target_tau, due)})
+
+
+def rewards(setup: Setup, params, frozen, x0_hat: jax.Array,
+            x0: jax.Array) -> dict:
+  """``{term: (b,)}`` rewards of look-forward latents (U-Net scale)."""
+  out = {}
+  if "latent" in setup.terms:
+    out["latent"] = latent_reward(x0_hat, x0)
+  if "dino" in setup.terms:
+    # Frozen weights: no gradient is spent on (or leaks into) them.
+    modules = jax.lax.stop_gradient(frozen["modules"])
+    vae = setup.graphs.merge("vae", modules["vae"])
+    dino = setup.graphs.merge("dino", modules["dino"])
+    images = vae.decode(x0_hat / setup.data.scaling)
+    out["dino"] = dino(images, frozen["constants"]["dino_reference"])
+  del params
+  return out
+
+
+def next_look_forward(setup: Setup, params, frozen, noisy, pred, t, emb):
+  """x0_hat at ``x_{t-1}``, the deterministic DDIM step of the action.
+
+  The TD target's next state: one more (gradient-free) U-Net call.
+  """
+  sg = jax.lax.stop_gradient
+  schedule = setup.data.schedule
+  x_prev, _ = schedule.ddim_step(sg(noisy), sg(pred), t,
+                                 schedule.num_train_timesteps)
+  t_prev = jnp.maximum(t - 1, 0)
+  unet = setup.graphs.merge("unet", sg(state_of("unet", params, frozen)))
+  pred_prev = unet(x_prev, t_prev, sg(emb)).astype(jnp.float32)
+  return schedule.predict_x0(x_prev, pred_prev, t_prev)
+
+
+def critic_terms(setup: Setup, params, frozen, x0_hat, x0, rewards_,
+                 step_inputs):
+  """The actor's ``Q`` ``(b,)`` (a reward) and the critics' regression loss.
+
+  Args:
+    setup: what ``build`` prepared.
+    params: all trainable parameters.
+    frozen: the frozen modules and constants.
+    x0_hat: look-forward latents of the instance rows (differentiable).
+    x0: their clean latents.
+    rewards_: ``{term: (b,)}`` rewards of ``x0_hat`` (regression targets).
+    step_inputs: ``(x_t, prediction, t, text embeddings)`` of those rows,
+      for the TD target's next state.
+  """
+  lf = setup.config.lookforward
+  sg = jax.lax.stop_gradient
+  online = setup.graphs.merge(CRITIC, params[CRITIC])
+  frozen_online = setup.graphs.merge(CRITIC, sg(params[CRITIC]))
+  if setup.td:
+    targets = setup.graphs.merge(TARGET, sg(params[TARGET]))
+    x0_next = next_look_forward(setup, params, frozen, *step_inputs)
+    alive = (step_inputs[2] > 0).astype(jnp.float32)  # t = 0 ends the chain
+  q, critic_loss = 0.0, 0.0
+  for term in setup.terms:
+    cost = sg(-rewards_[term])
+    if setup.td:
+      cost = cost + lf.gamma * alive * targets[term](
+          critic_input(term, x0_next, x0))
+    fitted = online[term](sg(critic_input(term, x0_hat, x0)))
+    critic_loss = critic_loss + jnp.mean((fitted - cost) ** 2)
+    q = q - setup.weights[term] * frozen_online[term](
+        critic_input(term, x0_hat, x0))
+  return q, critic_loss
+
+
+def loss_fn(setup: Setup, params, frozen, batch, rng):
+  """DreamBooth's losses plus the actor term (and the critics' regression)."""
+  cfg = setup.config
+  lf = cfg.lookforward
+  sg = jax.lax.stop_gradient
+  schedule = setup.data.schedule
+  params = custom_diffusion.restrict(params, setup.rows)
+  unet = setup.graphs("unet", params, frozen)
+  latent_rng, noise_rng = jax.random.split(rng)
+  latents, embs = dreambooth.training_rows(setup.graphs, setup.data.scaling,
+                                           params, frozen, batch, latent_rng)
+  bs = batch["instance_mean"].shape[0]
+  # DreamBooth's draws and errors, so that with actor_weight=0 the loss is
+  # DreamBooth's exactly.
+  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape)
+  noisy = schedule.add_noise(latents, noise, t)
+  pred = unet(noisy, t, embs).astype(jnp.float32)
+  err = diffusion.per_sample_error(
+      pred, schedule.training_target(latents, noise, t))
+  loss, metrics = dreambooth.loss_from_errors(
+      err, bs, prior_loss_weight=dreambooth.prior_weight(cfg),
+      instance_loss_weight=lf.instance_loss_weight)
+
+  # Look forward from the instance rows only: the reward is about the subject.
+  x0, t0 = latents[:bs], t[:bs]
+  x0_hat = schedule.predict_x0(noisy[:bs], pred[:bs], t0)
+  rewards_ = rewards(setup, params, frozen,
+                     x0_hat if not lf.critic else sg(x0_hat), x0)
+  latent = rewards_.get("latent")
+  if latent is None:  # not a reward here, but worth watching
+    latent = latent_reward(sg(x0_hat), x0)
+  metrics["reward/latent"] = jnp.mean(latent)
+  if "dino" in rewards_:
+    metrics["reward/dino"] = jnp.mean(rewards_["dino"])
+  if lf.critic:
+    q, critic_loss = critic_terms(setup, params, frozen, x0_hat, x0, rewards_,
+                                  (noisy[:bs], pred[:bs], t0, embs[:bs]))
+    loss = loss + critic_loss
+    metrics["loss/critic"] = critic_loss
+  else:
+    # Without a critic the actor maximises the (weighted) reward itself.
+    q = sum(setup.weights[k] * r for k, r in rewards_.items())
+  actor_loss = -lf.actor_weight * jnp.mean(discount(lf.gamma, t0) * q)
+  metrics.update({"loss/actor": actor_loss, "q/mean": jnp.mean(q)})
+  return loss + actor_loss, metrics
+
+
+def reward_weights(config: ml_collections.ConfigDict) -> dict:
+  """``{term: weight}``: "both" weighs the DINO term; a single reward has 1."""
+  lf = config.lookforward
+  if lf.reward == "both":
+    return {"latent": 1.0, "dino": lf.dino_weight}
+  return {lf.reward: 1.0}
+
+
+def uses_td(config: ml_collections.ConfigDict) -> bool:
+  """Whether the critic regresses the TD target (with a target network)."""
+  return config.lookforward.critic and config.lookforward.critic_target == "td"
+
+
+def build(ctx: Context) -> Method:
+  """Look Forward on the base method ``config.lookforward.base`` names."""
+  config = ctx.config
+  lf = config.lookforward
+  terms = REWARDS[lf.reward]
+  td = uses_td(config)
+  if lf.base == "custom_diffusion":
+    trainable, rows = custom_diffusion.setup(ctx)
+  else:
+    trainable, rows = {"unet": ctx.pipeline.unet,
+                       **dreambooth.text_modules(ctx)}, None
+  data = dreambooth.prepare(ctx, text_trains="text_encoder" in trainable)
+  frozen, constants = {}, dreambooth.constants(data)
+  if "dino" in terms:
+    dtype = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
+    dino = rewards_lib.DinoReward.from_pretrained(lf.dino_model, dtype=dtype,
+                                                  seed=config.seed)
+    constants["dino_reference"] = reference_embeddings(ctx, dino)
+    frozen.update(vae=ctx.pipeline.vae, dino=dino)
+  if lf.critic:
+    latent_size = data.instance["mean"].shape[1]
+    trainable[CRITIC] = make_critics(terms, latent_size, config.seed)
+    if td:
+      # Same seeds: the target starts as an exact copy of the online critic.
+      trainable[TARGET] = make_critics(terms, latent_size, config.seed)
+  setup = Setup(
+      config=config, graphs=ctx.graphs({**trainable, **frozen}), data=data,
+      terms=terms, weights=reward_weights(config), td=td, rows=rows)
+  return Method(
+      trainable=trainable, frozen=frozen, constants=constants,
+      loss_fn=lambda params, frozen_, batch, rng: loss_fn(
+          setup, params, frozen_, batch, rng),
+      batch=lambda step: dreambooth.make_batch(config, data, step),
+      extra_optimizers=critic_optimizers(config, td),
+      row_masks={} if rows is None else {custom_diffusion.TOKEN_TABLE: rows},
+      post_update=(lambda params, step: update_target(config, params, step))
+      if td else None)

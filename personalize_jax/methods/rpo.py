@@ -35,11 +35,9 @@ Details, and where the public code (github.com/andrew-miao/RPO) differs:
     ``rpo.val_prompts`` are held out.
 """
 
-import functools
+import dataclasses
 import hashlib
-import io
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +45,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image
 
 from personalize_jax import diffusion, rewards
 from personalize_jax.data import images as images_lib
-from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import distributed, rundir
+from personalize_jax.engine.method import Context, Graphs, Method
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base
-from personalize_jax.models import tokenizer as tokenizer_lib
+from personalize_jax.methods import common
+
+# The pipeline components config.trainable may name.
+COMPONENTS = ("unet",)
 
 # Classes whose training prompts are the live-subject set (animals can wear an
 # outfit or swim; a backpack cannot).
@@ -121,12 +120,6 @@ def is_live_subject(config: ml_collections.ConfigDict) -> bool:
   return config.data.class_name.strip().lower() in LIVE_CLASSES
 
 
-def without_token(prompt: str, token: str) -> str:
-  """The prompt with the unique token removed, as the reward model reads it."""
-  pattern = rf"(?<!\w){re.escape(token.strip())}(?!\w)"
-  return " ".join(re.sub(pattern, " ", prompt, flags=re.IGNORECASE).split())
-
-
 def implicit_margin(err_theta_ref: jax.Array, err_base_ref: jax.Array,
                     err_theta_gen: jax.Array, err_base_gen: jax.Array
                     ) -> jax.Array:
@@ -179,287 +172,261 @@ def preference_labels(rng: np.random.Generator, reward_ref: np.ndarray,
   return (rng.random(diff.shape) < prob).astype(np.float32)
 
 
-def denoising_error(unet, schedule: diffusion.NoiseSchedule, latents, noise,
-                    t, emb) -> jax.Array:
-  """Per-sample mean squared error ``(b,)`` of the epsilon (or v) target."""
-  pred = unet(schedule.add_noise(latents, noise, t), t, emb).astype(jnp.float32)
-  target = schedule.training_target(latents, noise, t)
-  return jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _clip_forward(graphdef, state, inputs, method: str):
-  return getattr(nnx.merge(graphdef, state), method)(inputs)
-
-
 def _fingerprint(value) -> str:
   text = json.dumps(value, sort_keys=True)
   return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-class RPO(base.Method):
-  """Similarity loss plus a preference loss against a frozen base U-Net."""
+def training_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """The 8 training prompts of the subject's kind (object or live)."""
+  r = config.rpo
+  return common.format_prompts(
+      config, r.live_prompts if is_live_subject(config) else r.object_prompts)
 
-  best_metric = ("val/harmonic", "max")
 
-  def __init__(self, ctx: base.Context):
-    super().__init__(ctx)
-    self.schedule = ctx.pipeline.schedule
-    self.scaling = ctx.pipeline.vae.scaling_factor
+def generated_images(ctx: Context, prompts: list[str]
+                     ) -> tuple[list[np.ndarray], str]:
+  """The base model's images of every training prompt, and their fingerprint.
 
-  # ------------------------------------------------------------------ data
-
-  def prepare(self) -> None:
-    cfg = self.config
-    _check(cfg)
-    self.prompts = self.training_prompts()
-    self.val_prompts = self.format_prompts(cfg.rpo.val_prompts)
-    self.check_prompts([self.instance_prompt()] + self.prompts
-                       + self.val_prompts + self.eval_prompts())
-    references = self.instance_images()
-    self.num_references = len(references)
-    self.num_flips = 2 if cfg.data.random_flip else 1
-    self.reference = self.encode_latents(
-        self.pixels(references, flips=cfg.data.random_flip),
-        "instance_latents")
-    generated, fingerprint = self.generated_images()
-    self.generated = self.encode_latents(
-        self.pixels(generated, flips=False),
-        f"generated_latents_{fingerprint}")
-    self.emb = self.encode_text([self.instance_prompt()] + self.prompts,
-                                f"rpo_prompt_embeddings_{fingerprint}")
-    self._load_reward_model()
-    self.ref_clip = self.clip_images(references)
-    scores = base.cached(
-        self.ctx.cache_dir / "rpo_rewards_{}.npz".format(_fingerprint(
-            [fingerprint, cfg.rpo.reward_model, cfg.rpo.lambda_train,
-             self.num_references])),
-        lambda: self._training_rewards(references, generated))
-    self.reward_ref, self.reward_gen = scores["ref"], scores["gen"]
-    self.val_text = self.clip_texts(self.val_prompts)
-
-  def format_prompts(self, templates) -> list[str]:
-    data = self.config.data
-    return [prompts_lib.format_prompt(t, token=data.unique_token,
-                                      class_name=data.class_name)
-            for t in templates]
-
-  def training_prompts(self) -> list[str]:
-    """The 8 training prompts of the subject's kind (object or live)."""
-    r = self.config.rpo
-    return self.format_prompts(r.live_prompts if is_live_subject(self.config)
-                        else r.object_prompts)
-
-  def generated_images(self) -> tuple[list[np.ndarray], str]:
-    """The base model's images of every training prompt, and their fingerprint.
-
-    Image ``j`` of prompt ``k`` is ``generated_images/{k:02d}_{j:02d}.png``. A
-    manifest records what made them; when the prompts or settings change they
-    are all drawn again, in one ``generate`` call batched over the devices.
-    """
-    cfg = self.config
-    n = cfg.rpo.num_images_per_prompt
-    manifest = {"prompts": self.prompts, "images_per_prompt": n,
-                "steps": cfg.rpo.gen_inference_steps,
-                "guidance": cfg.rpo.gen_guidance_scale,
-                "resolution": cfg.data.resolution,
-                "model": str(cfg.model.pretrained), "seed": cfg.seed}
-    folder = self.ctx.workdir / "generated_images"
-    paths = [folder / f"{k:02d}_{j:02d}.png"
-             for k in range(len(self.prompts)) for j in range(n)]
-    manifest_path = folder / "manifest.json"
-    have = (manifest_path.is_file()
-            and json.loads(manifest_path.read_text()) == manifest
-            and all(p.is_file() for p in paths))
-    # Every process has looked before process 0 writes: they all take part
-    # in generating, or none does.
-    distributed.barrier("generated_images_checked")
-    if not have:
-      logging.info("generating %d images for %d training prompts",
-                   len(paths), len(self.prompts))
-      images = diffusion.generate(
-          self.ctx.pipeline, [p for p in self.prompts for _ in range(n)],
-          rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
-          num_inference_steps=cfg.rpo.gen_inference_steps,
-          guidance_scale=cfg.rpo.gen_guidance_scale,
-          resolution=cfg.data.resolution,
-          batch_size=max(len(self.ctx.mesh.devices.flat), 8), progress=True,
-          batch_sharding=self.ctx.batch_sharding)
-      if distributed.is_chief():
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, image in zip(paths, images):
-          buffer = io.BytesIO()
-          Image.fromarray(image).save(buffer, format="PNG")
-          rundir.atomic_write_bytes(path, buffer.getvalue())
-        rundir.atomic_write_text(manifest_path, json.dumps(manifest) + "\n")
-      distributed.barrier("generated_images_written")
-    return ([images_lib.load_image(p, min_side=1) for p in paths],
-            _fingerprint(manifest))
-
-  # --------------------------------------------------------------- rewards
-
-  def _load_reward_model(self) -> None:
-    variant = self.config.rpo.reward_model
-    self.reward = rewards.HarmonicReward.from_pretrained(
-        variant, lam=self.config.rpo.lambda_val)
-    self.clip_tokenizer = tokenizer_lib.load_tokenizer(
-        rewards.clip_model_id(variant), subfolder=None)
-    self._clip = nnx.split(self.reward.clip)
-
-  def _clip_batched(self, inputs, method: str, chunk: int = 8) -> np.ndarray:
-    # Whole padded chunks: one compilation serves every call.
-    n = inputs.shape[0]
-    pad = -n % chunk
-    inputs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
-    outs = [_clip_forward(*self._clip, inputs[i:i + chunk], method)
-            for i in range(0, n + pad, chunk)]
-    return np.asarray(jnp.concatenate(outs)[:n], np.float32)
-
-  def clip_images(self, images) -> np.ndarray:
-    """CLIP embeddings ``(n, e)`` of uint8 images (a list or a batch)."""
-    return self._clip_batched(self.reward.processor(images),
-                              "get_image_features")
-
-  def clip_texts(self, prompts: list[str]) -> np.ndarray:
-    """CLIP embeddings ``(n, e)`` of prompts, read without the unique token."""
-    token = self.config.data.unique_token
-    ids = tokenizer_lib.tokenize(self.clip_tokenizer,
-                                 [without_token(p, token) for p in prompts])
-    return self._clip_batched(jnp.asarray(ids), "get_text_features")
-
-  def _training_rewards(self, references, generated) -> dict:
-    """``ref (num_references, num_prompts)``: each photo against each prompt;
-    ``gen (num_generated,)``: each image against its own prompt."""
-    lam = self.config.rpo.lambda_train
-    n = self.config.rpo.num_images_per_prompt
-    text = self.clip_texts(self.prompts)
-    gen_ai, gen_at = rewards.alignment_scores(
-        self.clip_images(np.stack(generated)), self.ref_clip,
-        np.repeat(text, n, axis=0))
-    # A photo's ALIGN-I includes itself; it only counts when lambda_train > 0.
-    ref_ai = rewards.to_unit(np.mean(
-        rewards.pairwise_cosine(self.ref_clip, self.ref_clip), axis=-1))
-    ref_at = rewards.to_unit(rewards.pairwise_cosine(self.ref_clip, text))
-    return {"ref": np.asarray(rewards.harmonic(ref_ai[:, None], ref_at, lam),
-                              np.float32),
-            "gen": np.asarray(rewards.harmonic(gen_ai, gen_at, lam),
-                              np.float32)}
-
-  # ----------------------------------------------------------------- model
-
-  def trainable_modules(self) -> dict[str, nnx.Module]:
-    return {"unet": self.ctx.pipeline.unet}
-
-  def frozen_modules(self) -> dict[str, nnx.Module]:
-    # A host copy: the trained U-Net's buffers are donated every step, so the
-    # frozen base must not share them.
-    graphdef, state = nnx.split(self.ctx.pipeline.unet)
-    return {"base_unet": nnx.merge(graphdef, jax.tree.map(np.array, state))}
-
-  def constants(self) -> dict[str, np.ndarray]:
-    return {"emb": self.emb}
-
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """Pairs: every generated image once per epoch, each with a reference."""
-    cfg, bs = self.config, self.config.batch_size
-    gen = base.epoch_indices(cfg.seed, step, bs, len(self.reward_gen))
-    ref = base.epoch_indices(cfg.seed + 1, step, bs, self.num_references)
-    flip = np.random.default_rng([cfg.seed, step, 1]).integers(
-        0, self.num_flips, bs)
-    row = ref + flip * self.num_references
-    prompt = gen // cfg.rpo.num_images_per_prompt
-    reward_ref, reward_gen = self.reward_ref[ref, prompt], self.reward_gen[gen]
-    # Labels are drawn on the host from a generator seeded by the step: fresh
-    # for every use of a pair, the same again when a run resumes.
-    labels = preference_labels(np.random.default_rng([cfg.seed, step, 2]),
-                               reward_ref, reward_gen)
-    return {"ref_mean": self.reference["mean"][row],
-            "ref_std": self.reference["std"][row],
-            "gen_mean": self.generated["mean"][gen],
-            "gen_std": self.generated["std"][gen],
-            "prompt": prompt.astype(np.int32),
-            "labels": labels}
-
-  def _noise(self, rng, shape, shared: bool):
-    """Noise and timesteps for ``[ref; gen]``, shared across a pair or not."""
-    noise_rng, t_rng = jax.random.split(rng)
-    rows = shape[0] // 2 if shared else shape[0]
-    noise = jax.random.normal(noise_rng, (rows,) + shape[1:], jnp.float32)
-    t = self.schedule.sample_timesteps(t_rng, rows)
-    if shared:
-      noise, t = jnp.concatenate([noise, noise]), jnp.concatenate([t, t])
-    return noise, t
-
-  def loss_fn(self, params, frozen, batch, rng):
-    r = self.config.rpo
-    unet = self.module("unet", params["unet"])
-    base_unet = self.module("base_unet", frozen["modules"]["base_unet"])
-    emb = frozen["constants"]["emb"]
-    bs = batch["ref_mean"].shape[0]
-    latent_rng, pair_rng, sim_rng = jax.random.split(rng, 3)
-    latents = base.sample_latents(
-        jnp.concatenate([batch["ref_mean"], batch["gen_mean"]]),
-        jnp.concatenate([batch["ref_std"], batch["gen_std"]]), latent_rng,
-        self.scaling)
-    instance = jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])
-    prompt = emb[1 + batch["prompt"]]
-    ref_emb = instance if r.ref_prompt == "instance" else prompt
-    pair_emb = jnp.concatenate([ref_emb, prompt])
-    noise, t = self._noise(pair_rng, latents.shape, r.shared_noise)
-    err_base = jax.lax.stop_gradient(denoising_error(
-        base_unet, self.schedule, latents, noise, t, pair_emb))
-    if r.ref_prompt == "instance":
-      err_theta = denoising_error(unet, self.schedule, latents, noise, t,
-                                  pair_emb)
-      err_sim = err_theta[:bs]
-    else:
-      # L_sim's instance-prompt pass rides in the same U-Net call.
-      sim_noise, sim_t = self._noise(sim_rng, latents[:bs].shape, False)
-      err = denoising_error(
-          unet, self.schedule, jnp.concatenate([latents, latents[:bs]]),
-          jnp.concatenate([noise, sim_noise]), jnp.concatenate([t, sim_t]),
-          jnp.concatenate([pair_emb, instance]))
-      err_theta, err_sim = err[:2 * bs], err[2 * bs:]
-    labels = batch["labels"]
-    errors = (err_theta[:bs], err_base[:bs], err_theta[bs:], err_base[bs:])
-    margin = r.beta * implicit_margin(*errors)
-    pref_loss = preference_loss(*errors, labels, r.beta)
-    sim_loss = jnp.mean(err_sim)
-    metrics = {
-        "loss/sim": sim_loss,
-        "loss/pref": pref_loss,
-        "pref/implicit_acc": jnp.mean(
-            ((margin > 0) == (labels == 1)).astype(jnp.float32)),
-        # The implicit reward margin beta * l (the data's r_ref - r_gen is
-        # fixed, so it says nothing about training).
-        "pref/reward_margin": jnp.mean(margin),
-    }
-    return sim_loss + pref_loss, metrics
-
-  # ------------------------------------------------------------ validation
-
-  def evaluate(self, step: int, pipeline) -> dict[str, float]:
-    """lambda_val-Harmonic of validation images from fixed seeds."""
-    del step
-    cfg = self.config
-    n = len(self.val_prompts)
+  Image ``j`` of prompt ``k`` is ``generated_images/{k:02d}_{j:02d}.png``. A
+  manifest records what made them; when the prompts or settings change they
+  are all drawn again, in one ``generate`` call batched over the devices.
+  """
+  cfg = ctx.config
+  n = cfg.rpo.num_images_per_prompt
+  manifest = {"prompts": prompts, "images_per_prompt": n,
+              "steps": cfg.rpo.gen_inference_steps,
+              "guidance": cfg.rpo.gen_guidance_scale,
+              "resolution": cfg.data.resolution,
+              "model": str(cfg.model.pretrained), "seed": cfg.seed}
+  folder = ctx.workdir / "generated_images"
+  paths = [folder / f"{k:02d}_{j:02d}.png"
+           for k in range(len(prompts)) for j in range(n)]
+  manifest_path = folder / "manifest.json"
+  have = (manifest_path.is_file()
+          and json.loads(manifest_path.read_text()) == manifest
+          and all(p.is_file() for p in paths))
+  # Every process has looked before process 0 writes: they all take part
+  # in generating, or none does.
+  distributed.barrier("generated_images_checked")
+  if not have:
+    logging.info("generating %d images for %d training prompts",
+                 len(paths), len(prompts))
     images = diffusion.generate(
-        pipeline, self.val_prompts * cfg.rpo.num_val_images,
+        ctx.pipeline, [p for p in prompts for _ in range(n)],
+        rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+        num_inference_steps=cfg.rpo.gen_inference_steps,
+        guidance_scale=cfg.rpo.gen_guidance_scale,
+        resolution=cfg.data.resolution,
+        batch_size=max(len(ctx.mesh.devices.flat), 8), progress=True,
+        batch_sharding=ctx.batch_sharding)
+    if distributed.is_chief():
+      folder.mkdir(parents=True, exist_ok=True)
+      for path, image in zip(paths, images):
+        common.save_png(path, image)
+      rundir.atomic_write_text(manifest_path, json.dumps(manifest) + "\n")
+    distributed.barrier("generated_images_written")
+  return ([images_lib.load_image(p, min_side=1) for p in paths],
+          _fingerprint(manifest))
+
+
+def training_rewards(config: ml_collections.ConfigDict,
+                     clip: rewards.Embedder, prompts: list[str],
+                     ref_clip: np.ndarray, generated) -> dict:
+  """``ref (num_references, num_prompts)``: each photo against each prompt;
+  ``gen (num_generated,)``: each image against its own prompt."""
+  lam = config.rpo.lambda_train
+  n = config.rpo.num_images_per_prompt
+  text = clip.texts(prompts, config.data.unique_token)
+  gen_ai, gen_at = rewards.alignment_scores(
+      clip.images(generated), ref_clip, np.repeat(text, n, axis=0))
+  # A photo's ALIGN-I includes itself; it only counts when lambda_train > 0.
+  ref_ai = rewards.to_unit(np.mean(
+      rewards.pairwise_cosine(ref_clip, ref_clip), axis=-1))
+  ref_at = rewards.to_unit(rewards.pairwise_cosine(ref_clip, text))
+  return {"ref": np.asarray(rewards.harmonic(ref_ai[:, None], ref_at, lam),
+                            np.float32),
+          "gen": np.asarray(rewards.harmonic(gen_ai, gen_at, lam),
+                            np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """RPO's prepared data: latents, prompt states and training rewards."""
+  reference: dict  # posterior mean/std of the photos (flips appended).
+  generated: dict  # posterior mean/std of the generated images.
+  num_references: int
+  num_flips: int
+  emb: np.ndarray  # (1 + num_prompts, 77, d): instance prompt, then training.
+  reward_ref: np.ndarray  # (num_references, num_prompts)
+  reward_gen: np.ndarray  # (num_generated,)
+  scaling: float
+  schedule: diffusion.NoiseSchedule
+
+
+def prepare(ctx: Context, clip: rewards.Embedder
+            ) -> tuple[Data, np.ndarray]:
+  """RPO's data, and the CLIP embeddings of the reference photos."""
+  cfg = ctx.config
+  prompts = training_prompts(cfg)
+  val_prompts = common.format_prompts(cfg, cfg.rpo.val_prompts)
+  common.check_prompts(ctx, [common.instance_prompt(cfg)] + prompts
+                       + val_prompts + common.format_prompts(
+                           cfg, cfg.eval.prompts))
+  references = common.instance_images(ctx)
+  reference = common.encode_latents(
+      ctx, common.pixels(cfg, references, flips=cfg.data.random_flip),
+      "instance_latents")
+  generated, fingerprint = generated_images(ctx, prompts)
+  generated_latents = common.encode_latents(
+      ctx, common.pixels(cfg, generated, flips=False),
+      f"generated_latents_{fingerprint}")
+  emb = common.encode_text(ctx, [common.instance_prompt(cfg)] + prompts,
+                           f"rpo_prompt_embeddings_{fingerprint}")
+  ref_clip = clip.images(references)
+  scores = common.cached(
+      ctx.cache_dir / "rpo_rewards_{}.npz".format(_fingerprint(
+          [fingerprint, cfg.rpo.reward_model, cfg.rpo.lambda_train,
+           len(references)])),
+      lambda: training_rewards(cfg, clip, prompts, ref_clip, generated))
+  return Data(reference=reference, generated=generated_latents,
+              num_references=len(references),
+              num_flips=2 if cfg.data.random_flip else 1, emb=emb,
+              reward_ref=scores["ref"], reward_gen=scores["gen"],
+              scaling=ctx.pipeline.vae.scaling_factor,
+              schedule=ctx.pipeline.schedule), ref_clip
+
+
+def make_batch(config: ml_collections.ConfigDict, data: Data,
+               step: int) -> dict[str, np.ndarray]:
+  """Pairs: every generated image once per epoch, each with a reference."""
+  bs = config.batch_size
+  gen = common.epoch_indices(config.seed, step, bs, len(data.reward_gen))
+  ref = common.epoch_indices(config.seed + 1, step, bs, data.num_references)
+  flip = np.random.default_rng([config.seed, step, 1]).integers(
+      0, data.num_flips, bs)
+  row = ref + flip * data.num_references
+  prompt = gen // config.rpo.num_images_per_prompt
+  reward_ref, reward_gen = data.reward_ref[ref, prompt], data.reward_gen[gen]
+  # Labels are drawn on the host from a generator seeded by the step: fresh
+  # for every use of a pair, the same again when a run resumes.
+  labels = preference_labels(np.random.default_rng([config.seed, step, 2]),
+                             reward_ref, reward_gen)
+  return {"ref_mean": data.reference["mean"][row],
+          "ref_std": data.reference["std"][row],
+          "gen_mean": data.generated["mean"][gen],
+          "gen_std": data.generated["std"][gen],
+          "prompt": prompt.astype(np.int32),
+          "labels": labels}
+
+
+def _noise(schedule, rng, shape, shared: bool):
+  """Noise and timesteps for ``[ref; gen]``, shared across a pair or not."""
+  rows = shape[0] // 2 if shared else shape[0]
+  noise, t = diffusion.draw_noise(schedule, rng, (rows,) + tuple(shape[1:]))
+  if shared:
+    noise, t = jnp.concatenate([noise, noise]), jnp.concatenate([t, t])
+  return noise, t
+
+
+def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
+            params, frozen, batch, rng):
+  """``L_sim + L_pre`` of a batch of (reference, generated) pairs."""
+  r = config.rpo
+  schedule = data.schedule
+  unet = graphs("unet", params, frozen)
+  base_unet = graphs("base_unet", params, frozen)
+  emb = frozen["constants"]["emb"]
+  bs = batch["ref_mean"].shape[0]
+  latent_rng, pair_rng, sim_rng = jax.random.split(rng, 3)
+  latents = common.sample_latents(
+      jnp.concatenate([batch["ref_mean"], batch["gen_mean"]]),
+      jnp.concatenate([batch["ref_std"], batch["gen_std"]]), latent_rng,
+      data.scaling)
+  instance = jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])
+  prompt = emb[1 + batch["prompt"]]
+  ref_emb = instance if r.ref_prompt == "instance" else prompt
+  pair_emb = jnp.concatenate([ref_emb, prompt])
+  noise, t = _noise(schedule, pair_rng, latents.shape, r.shared_noise)
+  err_base = jax.lax.stop_gradient(diffusion.denoising_error(
+      base_unet, schedule, latents, noise, t, pair_emb))
+  if r.ref_prompt == "instance":
+    err_theta = diffusion.denoising_error(unet, schedule, latents, noise, t,
+                                          pair_emb)
+    err_sim = err_theta[:bs]
+  else:
+    # L_sim's instance-prompt pass rides in the same U-Net call.
+    sim_noise, sim_t = _noise(schedule, sim_rng, latents[:bs].shape, False)
+    err = diffusion.denoising_error(
+        unet, schedule, jnp.concatenate([latents, latents[:bs]]),
+        jnp.concatenate([noise, sim_noise]), jnp.concatenate([t, sim_t]),
+        jnp.concatenate([pair_emb, instance]))
+    err_theta, err_sim = err[:2 * bs], err[2 * bs:]
+  labels = batch["labels"]
+  errors = (err_theta[:bs], err_base[:bs], err_theta[bs:], err_base[bs:])
+  margin = r.beta * implicit_margin(*errors)
+  pref_loss = preference_loss(*errors, labels, r.beta)
+  sim_loss = jnp.mean(err_sim)
+  metrics = {
+      "loss/sim": sim_loss,
+      "loss/pref": pref_loss,
+      "pref/implicit_acc": jnp.mean(
+          ((margin > 0) == (labels == 1)).astype(jnp.float32)),
+      # The implicit reward margin beta * l (the data's r_ref - r_gen is
+      # fixed, so it says nothing about training).
+      "pref/reward_margin": jnp.mean(margin),
+  }
+  return sim_loss + pref_loss, metrics
+
+
+def validation(ctx: Context, clip: rewards.Embedder, ref_clip: np.ndarray):
+  """``evaluate``: the lambda_val-Harmonic of validation images (fixed seeds)."""
+  cfg = ctx.config
+  val_prompts = common.format_prompts(cfg, cfg.rpo.val_prompts)
+  val_text = clip.texts(val_prompts, cfg.data.unique_token)
+
+  def evaluate(step: int, pipeline) -> dict[str, float]:
+    del step
+    images = diffusion.generate(
+        pipeline, val_prompts * cfg.rpo.num_val_images,
         seed=cfg.eval.seed, num_inference_steps=cfg.eval.num_inference_steps,
         guidance_scale=cfg.eval.guidance_scale,
         resolution=cfg.data.resolution,
-        batch_size=max(len(self.ctx.mesh.devices.flat), n),
-        batch_sharding=self.ctx.batch_sharding)
+        batch_size=max(len(ctx.mesh.devices.flat), len(val_prompts)),
+        batch_sharding=ctx.batch_sharding)
     align_i, align_t = rewards.alignment_scores(
-        self.clip_images(images), self.ref_clip,
-        np.tile(self.val_text, (cfg.rpo.num_val_images, 1)))
+        clip.images(images), ref_clip,
+        np.tile(val_text, (cfg.rpo.num_val_images, 1)))
     score = rewards.harmonic(align_i, align_t, cfg.rpo.lambda_val)
-    return {"val/harmonic": float(jnp.mean(score)),
-            "val/align_i": float(jnp.mean(align_i)),
-            "val/align_t": float(jnp.mean(align_t))}
+    return {"val/harmonic": float(np.mean(score)),
+            "val/align_i": float(np.mean(align_i)),
+            "val/align_t": float(np.mean(align_t))}
+
+  return evaluate
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
+def build(ctx: Context) -> Method:
+  """RPO: the U-Net trains against a frozen copy of itself."""
+  config = ctx.config
+  clip = rewards.Embedder.clip(config.rpo.reward_model, chunk=8)
+  data, ref_clip = prepare(ctx, clip)
+  unet = ctx.pipeline.unet
+  # A host copy: the trained U-Net's buffers are donated every step, so the
+  # frozen base must not share them.
+  graphdef, state = nnx.split(unet)
+  base_unet = nnx.merge(graphdef, jax.tree.map(np.array, state))
+  graphs = ctx.graphs({"unet": unet, "base_unet": base_unet})
+  return Method(
+      trainable={"unet": unet}, frozen={"base_unet": base_unet},
+      constants={"emb": data.emb},
+      loss_fn=lambda params, frozen, batch, rng: loss_fn(
+          config, graphs, data, params, frozen, batch, rng),
+      batch=lambda step: make_batch(config, data, step),
+      evaluate=validation(ctx, clip, ref_clip),
+      best_metric=("val/harmonic", "max"))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
   """One-line errors for ``config.rpo`` values a user can get wrong."""
   r = config.rpo
 
@@ -479,3 +446,5 @@ def _check(config: ml_collections.ConfigDict) -> None:
     fail(key, "list at least one prompt template with {token} {class_name}")
   if not r.val_prompts:
     fail("val_prompts", "list at least one validation prompt template")
+  if not r.beta > 0:
+    fail("beta", "it must be a positive number")

@@ -17,8 +17,6 @@ _EXPORTS = {
     "Dinov2Model": "dinov2",
     "ImageProcessor": "image_processor",
     "QNetwork": "qnetwork",
-    "StableDiffusion": "pipeline",
-    "load_stable_diffusion": "pipeline",
     "count_params": "checkpoint",
 }
 

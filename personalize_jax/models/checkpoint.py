@@ -12,6 +12,8 @@ and the layout of the array:
 
 Reading ``*.safetensors`` is done here from the file format itself (a JSON
 header and raw little-endian buffers), so bf16 checkpoints load without torch.
+``load_pretrained`` is every port's ``from_pretrained``; a port says only what
+is its own (config class, ``tiny`` preset, weights file, key fixes).
 """
 
 import json
@@ -20,7 +22,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from personalize_jax.errors import CheckpointError
+from personalize_jax.models import presets
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ST_DTYPES = {
@@ -101,6 +104,25 @@ def read_json(path: Path) -> dict:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the model "
                           "or restore the file") from None
+
+
+def check_model_type(config: Mapping, expected: str, cls_name: str,
+                     path: Path, classes: str = "") -> None:
+  """Raises a one-line error when ``config.json`` is for another model family.
+
+  Args:
+    config: the contents of ``config.json``.
+    expected: the ``model_type`` the class loads.
+    cls_name: the class, for the message.
+    path: the ``config.json`` file, for the message.
+    classes: the sibling classes, to point at the right one (optional).
+  """
+  found = config.get("model_type")
+  if found is not None and found != expected:
+    siblings = f" ({classes})" if classes else ""
+    raise CheckpointError(
+        f"{path} has model_type {found!r}, but {cls_name} loads {expected!r} "
+        f"checkpoints; use the class for {found!r}{siblings} or another folder")
 
 
 def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
@@ -366,3 +388,60 @@ def build_random(build: Callable[[], nnx.Module], seed: int,
                  param_dtype=jnp.float32) -> nnx.Module:
   """``build()`` (which should use ``shape_only_rngs()``) with random weights."""
   return random_init(nnx.eval_shape(build), seed, param_dtype)
+
+
+def load_pretrained(path_or_hub_id: str | os.PathLike,
+                    subfolder: str | None, *,
+                    read_config: Callable[[Mapping], Any],
+                    build: Callable[..., nnx.Module],
+                    preset: Mapping, weights_name: str,
+                    param_dtype=jnp.float32, seed: int = 0,
+                    model_type: str | None = None, cls_name: str = "",
+                    classes: str = "",
+                    ignore_unexpected: Iterable[str] = (),
+                    rename: Callable[[str], str] | None = None,
+                    transform: Callable[[str, np.ndarray], np.ndarray] | None = None
+                    ) -> nnx.Module:
+  """``from_pretrained`` of every model family: a folder, a Hub id or ``tiny``.
+
+  Resolves the folder (downloading Hub ids), reads ``config.json``, builds the
+  module abstractly and fills it from the safetensors weights; ``tiny`` builds
+  ``preset`` with random weights from ``seed`` instead.
+
+  Args:
+    path_or_hub_id: a local folder, a Hub id, or ``presets.TINY``.
+    subfolder: the model's folder inside the checkpoint (``unet``, ...).
+    read_config: the family's config class's ``from_dict``.
+    build: ``build(config, rngs=...)`` constructs the module (the class with
+      its dtypes and options bound); only its shapes are used.
+    preset: the ``config.json`` values of the ``tiny`` model.
+    weights_name: ``DIFFUSERS_WEIGHTS`` or ``TRANSFORMERS_WEIGHTS``.
+    param_dtype: the dtype to store the parameters in.
+    seed: the NumPy seed of the ``tiny`` weights.
+    model_type: refuse a ``config.json`` of another ``model_type``
+      (transformers families; diffusers configs have none).
+    cls_name: the class being loaded, named in that refusal.
+    classes: the family's classes, named in that refusal (optional).
+    ignore_unexpected: see ``load_params``.
+    rename: see ``build_and_load``.
+    transform: see ``build_and_load``.
+
+  Raises:
+    CheckpointError: missing files, a config of another family, or weights
+      that do not match the config (one line each).
+    UserError: a config the port does not support.
+  """
+  if str(path_or_hub_id) == presets.TINY:
+    config = read_config(preset)
+    return build_random(lambda: build(config, rngs=shape_only_rngs()), seed,
+                        param_dtype)
+  folder = resolve_pretrained(path_or_hub_id, subfolder)
+  values = read_json(folder / "config.json")
+  if model_type is not None:
+    check_model_type(values, model_type, cls_name, folder / "config.json",
+                     classes)
+  config = read_config(values)
+  return build_and_load(lambda: build(config, rngs=shape_only_rngs()), folder,
+                        weights_name, param_dtype=param_dtype,
+                        ignore_unexpected=ignore_unexpected, rename=rename,
+                        transform=transform)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from personalize_jax.errors import CheckpointError, UserError
+from personalize_jax.errors import UserError
 from personalize_jax.models import attention, checkpoint, layers, presets
 
 _ACTIVATIONS = {
@@ -364,30 +364,19 @@ class _Pretrained:
     Raises:
       CheckpointError: the folder, config or weights do not fit this model.
     """
-    make = lambda config: cls(
-        config, dtype=dtype, param_dtype=param_dtype,
-        attention_impl=attention_impl, remat=remat,
-        rngs=checkpoint.shape_only_rngs())
-    if str(path_or_hub_id) == presets.TINY:
-      config = cls.config_class.from_dict(cls.preset)
-      return checkpoint.build_random(lambda: make(config), seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    raw = checkpoint.read_json(folder / "config.json")
-    model_type = cls.config_class.model_type
-    if raw.get("model_type", model_type) != model_type:
-      raise CheckpointError(
-          f"{folder / 'config.json'} describes a {raw['model_type']!r} model, "
-          f"not {model_type!r}; load it with the matching class "
-          "(CLIPTextModel, CLIPVisionModel or CLIPModel)")
-    config = cls.config_class.from_dict(raw)
     # transformers 5 saves single towers without the `text_model.` prefix.
     prefix = cls.prefix
     rename = None if prefix is None else (
         lambda k: k if k.startswith(prefix) else prefix + k)
-    return checkpoint.build_and_load(
-        lambda: make(config), folder, checkpoint.TRANSFORMERS_WEIGHTS,
-        param_dtype=param_dtype, ignore_unexpected=_IGNORED_KEYS,
-        rename=rename)
+    return checkpoint.load_pretrained(
+        path_or_hub_id, subfolder, read_config=cls.config_class.from_dict,
+        build=functools.partial(cls, dtype=dtype, param_dtype=param_dtype,
+                                attention_impl=attention_impl, remat=remat),
+        preset=cls.preset, weights_name=checkpoint.TRANSFORMERS_WEIGHTS,
+        param_dtype=param_dtype, seed=seed,
+        model_type=cls.config_class.model_type, cls_name=cls.__name__,
+        classes="CLIPTextModel, CLIPVisionModel or CLIPModel",
+        ignore_unexpected=_IGNORED_KEYS, rename=rename)
 
   def save_pretrained(self, folder: str | os.PathLike, dtype=np.float32):
     """Writes ``config.json`` + ``model.safetensors`` transformers can load."""

@@ -14,6 +14,7 @@ are rejected with a ``UserError`` when set to anything but their default.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -345,19 +346,12 @@ class UNet2DConditionModel(nnx.Module):
       CheckpointError: missing files, or weights that do not match the config.
       UserError: a config this port does not support.
     """
-    options = dict(dtype=dtype, param_dtype=param_dtype,
-                   attention_impl=attention_impl, remat=remat)
-    if str(path_or_hub_id) == presets.TINY:
-      config = UNet2DConditionConfig.from_dict(presets.UNET)
-      model = nnx.eval_shape(
-          lambda: cls(config, **options, rngs=checkpoint.shape_only_rngs()))
-      return checkpoint.random_init(model, seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    config = UNet2DConditionConfig.from_dict(
-        checkpoint.read_json(folder / "config.json"))
-    return checkpoint.build_and_load(
-        lambda: cls(config, **options, rngs=checkpoint.shape_only_rngs()), folder,
-        checkpoint.DIFFUSERS_WEIGHTS, param_dtype=param_dtype)
+    return checkpoint.load_pretrained(
+        path_or_hub_id, subfolder, read_config=UNet2DConditionConfig.from_dict,
+        build=functools.partial(cls, dtype=dtype, param_dtype=param_dtype,
+                                attention_impl=attention_impl, remat=remat),
+        preset=presets.UNET, weights_name=checkpoint.DIFFUSERS_WEIGHTS,
+        param_dtype=param_dtype, seed=seed)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:
     """Writes ``config.json`` + fp32 safetensors that diffusers loads."""

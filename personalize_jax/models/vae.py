@@ -13,6 +13,7 @@ diffusers wraps in ``DiagonalGaussianDistribution``); scaling latents by
 """
 
 import dataclasses
+import functools
 import os
 import re
 from pathlib import Path
@@ -387,19 +388,12 @@ class AutoencoderKL(nnx.Module):
       CheckpointError: the folder or weights do not match a VAE.
       UserError: the config names an architecture this port lacks.
     """
-    kwargs = dict(dtype=dtype, param_dtype=param_dtype,
-                  attention_impl=attention_impl, remat=remat)
-    if str(path_or_hub_id) == presets.TINY:
-      return checkpoint.build_random(
-          lambda: cls(AutoencoderKLConfig.from_dict(presets.VAE),
-                      rngs=checkpoint.shape_only_rngs(), **kwargs),
-          seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    config = AutoencoderKLConfig.from_dict(
-        checkpoint.read_json(folder / "config.json"))
-    return checkpoint.build_and_load(
-        lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kwargs), folder,
-        checkpoint.DIFFUSERS_WEIGHTS, param_dtype=param_dtype,
+    return checkpoint.load_pretrained(
+        path_or_hub_id, subfolder, read_config=AutoencoderKLConfig.from_dict,
+        build=functools.partial(cls, dtype=dtype, param_dtype=param_dtype,
+                                attention_impl=attention_impl, remat=remat),
+        preset=presets.VAE, weights_name=checkpoint.DIFFUSERS_WEIGHTS,
+        param_dtype=param_dtype, seed=seed,
         rename=legacy_key, transform=legacy_tensor)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:

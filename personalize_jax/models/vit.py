@@ -14,6 +14,7 @@ interpolation, the config mixin) live here and are imported by ``dinov2``.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from personalize_jax.errors import CheckpointError, UserError
+from personalize_jax.errors import UserError
 from personalize_jax.models import attention, checkpoint, layers, presets
 
 _ACTIVATIONS = {
@@ -304,16 +305,6 @@ class Encoder(nnx.Module):
         for _ in range(config.num_hidden_layers)])
 
 
-def check_model_type(config: Mapping, expected: str, cls_name: str,
-                     folder: Path) -> None:
-  """Raises a one-line error when ``config.json`` is for another model family."""
-  found = config.get("model_type")
-  if found is not None and found != expected:
-    raise CheckpointError(
-        f"{folder}/config.json has model_type {found!r}, but {cls_name} loads "
-        f"{expected!r} checkpoints; use the class for {found!r} or another folder")
-
-
 class VisionTransformer(nnx.Module):
   """The body every ViT-family port shares: embeddings, blocks, LayerNorm.
 
@@ -371,20 +362,13 @@ class VisionTransformer(nnx.Module):
     Raises:
       CheckpointError: the folder, config or weights cannot be loaded.
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype,
-              attention_impl=attention_impl, remat=remat)
-    if str(path_or_hub_id) == presets.TINY:
-      return checkpoint.build_random(
-          lambda: cls(cls.CONFIG_CLS.from_dict(cls.PRESET),
-                      rngs=checkpoint.shape_only_rngs(), **kw),
-          seed, param_dtype)
-    folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-    values = checkpoint.read_json(folder / "config.json")
-    check_model_type(values, cls.CONFIG_CLS.MODEL_TYPE, cls.__name__, folder)
-    config = cls.CONFIG_CLS.from_dict(values)
-    return checkpoint.build_and_load(
-        lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **kw), folder,
-        checkpoint.TRANSFORMERS_WEIGHTS, param_dtype=param_dtype,
+    return checkpoint.load_pretrained(
+        path_or_hub_id, subfolder, read_config=cls.CONFIG_CLS.from_dict,
+        build=functools.partial(cls, dtype=dtype, param_dtype=param_dtype,
+                                attention_impl=attention_impl, remat=remat),
+        preset=cls.PRESET, weights_name=checkpoint.TRANSFORMERS_WEIGHTS,
+        param_dtype=param_dtype, seed=seed,
+        model_type=cls.CONFIG_CLS.MODEL_TYPE, cls_name=cls.__name__,
         ignore_unexpected=cls.IGNORE_UNEXPECTED)
 
   def save_pretrained(self, folder: str | os.PathLike) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from personalize_jax.data import dreambench
+from personalize_jax.data import dreambench, prompts
 from personalize_jax.errors import UserError
 
 _PROMPTS_TXT = """Classes
@@ -67,8 +67,10 @@ def test_read_subjects_and_prompts(tmp_path):
       "a sks dog wearing a red hat", "a wet sks dog"]
   assert dreambench.subject_prompts(red, templates, "zwx") == [
       "a zwx stuffed animal in the jungle", "a red zwx stuffed animal"]
-  assert dreambench.remove_token("a red sks stuffed animal", "sks") == (
-      "a red stuffed animal")
+  # CLIP-T reads a DreamBench prompt without its token.
+  assert prompts.without_token(
+      dreambench.subject_prompts(red, templates, "zwx")[1], "zwx") == (
+          "a red stuffed animal")
   assert [s.name for s in dreambench.read_subjects(root, ["teapot"])] == [
       "teapot"]
 

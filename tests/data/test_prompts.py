@@ -58,6 +58,19 @@ def test_format_prompt_empty_word(kwargs, key):
     prompts.format_prompt("a {token} {class_name}", **kwargs)
 
 
+@pytest.mark.parametrize("prompt, expected", [
+    ("a sks dog on the Moon", "a dog on the Moon"),
+    ("a SKS dog", "a dog"),  # CLIP lowercases: any case names the subject.
+    ("sks dog, with sks!", "dog, with !"),  # punctuation ends a word.
+    ("a sksy dog", "a sksy dog"),  # another word, kept.
+    ("a  red   sks  dog", "a red dog"),  # single spaces between the rest.
+    ("a red dog", "a red dog"),
+])
+def test_without_token_drops_the_token_as_a_whole_word(prompt, expected):
+  assert prompts.without_token(prompt, "sks") == expected
+  assert prompts.without_token(prompt, " sks ") == expected
+
+
 def test_check_prompts_good_prompts_are_silent(tokenizer):
   assert not _check(tokenizer, ["a photo of sks dog", "a SKS dog, on a beach",
                                 "(sks) dog"], class_name="dog")

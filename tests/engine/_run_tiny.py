@@ -49,6 +49,7 @@ def main() -> None:
   import numpy as np
   from personalize_jax.engine import sharding
   from personalize_jax.engine import state as state_lib, train
+  from personalize_jax.methods import dreambooth
   # pylint: enable=g-import-not-at-top
 
   record, job = {}, {}
@@ -88,7 +89,7 @@ def main() -> None:
     job.clear()
     job.update(spec)
     summary = train.train_and_evaluate(tiny_config(job["overrides"]),
-                                       job["workdir"])
+                                       job["workdir"], dreambooth)
     runs.append({"steps": summary.steps, "stopped_by": summary.stopped_by,
                  **record})
   print(json.dumps({"devices": jax.device_count(), "runs": runs}))

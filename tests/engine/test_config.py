@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from personalize_jax import methods
 from personalize_jax.engine import config as config_lib
 from personalize_jax.errors import UserError
 
@@ -40,7 +41,6 @@ def test_every_base_field_has_a_comment():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("method", "nope"),
     ("num_steps", 0),
     ("num_steps", -5),
     ("num_steps", True),
@@ -64,6 +64,17 @@ def test_every_base_field_has_a_comment():
     ("data.instance_dir", "/does/not/exist"),
     ("mesh.data", 0),
     ("mesh.fsdp", -2),
+    ("optimizer.b1", 1.0),
+    ("optimizer.b2", -0.1),
+    ("optimizer.eps", -1e-8),
+    ("optimizer.weight_decay", -1.0),
+    ("optimizer.clip_grad_norm", -1.0),
+    ("optimizer.warmup_steps", 20),
+    ("eval.num_inference_steps", 0),
+    ("eval.seed", -1),
+    ("eval.guidance_scale", -1.0),
+    ("eval.prompts", []),
+    ("data.min_image_side", 0),
 ])
 def test_bad_values_raise_one_line_naming_the_key(key, value):
   with pytest.raises(UserError) as error:
@@ -90,3 +101,21 @@ def test_batch_must_divide_over_the_devices():
 def test_an_existing_instance_folder_is_accepted(tmp_path):
   config_lib.validate(_config(**{"data.instance_dir": str(tmp_path)}),
                       num_devices=1)
+
+
+def test_an_unknown_method_is_a_one_line_error():
+  with pytest.raises(UserError, match=r"^config\.method='nope' is invalid: use "
+                     "one of dreambooth, custom_diffusion, rpo, lookforward$"):
+    methods.get("nope")
+
+
+@pytest.mark.parametrize("recipe", ["dreambooth_tpu", "custom_diffusion_tpu",
+                                    "rpo_tpu", "lookforward_dreambooth_tpu",
+                                    "lookforward_custom_diffusion_tpu"])
+def test_recipes_resolve_and_validate_with_their_method(recipe):
+  config = recipes.load(recipe, "tiny")
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  config_lib.validate(config, 1, method)
+  assert isinstance(config.trainable, tuple)
+

@@ -12,7 +12,7 @@ from personalize_jax.data import demo_subject
 from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import final_eval, train
 from personalize_jax.errors import UserError
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax.pipeline import load_stable_diffusion
 
 import recipes
 

@@ -2,10 +2,12 @@
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
 from personalize_jax.engine import metrics
 
@@ -18,17 +20,31 @@ def _write(workdir, steps, resume_step=None):
   with metrics.MetricsWriter(workdir, resume_step=resume_step) as writer:
     for step in steps:
       writer.write(step, STEPS[step])
-  return writer
 
 
 def _same(a, b):
   return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def test_crc32c_known_vectors():
-  assert metrics.crc32c(b"123456789") == 0xE3069283
-  assert metrics.crc32c(b"") == 0
-  assert metrics.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
+def _load_scalars(path):
+  """TensorBoard's own loading of ``path`` (an event file or a folder)."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(path), size_guidance={event_accumulator.SCALARS: 0})
+  accumulator.Reload()
+  return {tag: accumulator.Scalars(tag)
+          for tag in accumulator.Tags()[event_accumulator.SCALARS]}
+
+
+def _tensorboard_view(path):
+  """``{tag: [(step, value), ...]}`` as TensorBoard shows ``path``."""
+  return {tag: [(s.step, s.value) for s in scalars]
+          for tag, scalars in _load_scalars(path).items()}
+
+
+def _expected_view(steps):
+  # Event files store scalars as float32.
+  return {tag: [(step, float(np.float32(STEPS[step][tag]))) for step in steps]
+          for tag in ("loss", "lr")}
 
 
 def test_jsonl_holds_every_write_as_strict_json(tmp_path):
@@ -65,6 +81,8 @@ def test_fresh_run_clears_an_earlier_attempt(tmp_path):
   _write(tmp_path, [1, 2])
   _write(tmp_path, [1])
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1]
+  np.testing.assert_equal(_tensorboard_view(tmp_path / "tensorboard"),
+                          _expected_view([1]))
 
 
 def test_step_is_reserved(tmp_path):
@@ -73,46 +91,37 @@ def test_step_is_reserved(tmp_path):
       writer.write(1, {"step": 3.0})
 
 
-def test_event_file_parses_back(tmp_path):
-  writer = _write(tmp_path, [1, 2, 4])
-  events = metrics.read_events(writer.event_path)
-  assert events[0]["file_version"] == "brain.Event:2"
-  assert [e["step"] for e in events[1:]] == [1, 2, 4]
-  for event in events[1:]:
-    assert event["wall_time"] > 1e9
-    for tag, value in STEPS[event["step"]].items():
-      assert _same(event["scalars"][tag], float(np.float32(value)))
+def test_tensorboard_reads_back_every_step(tmp_path):
+  before = time.time()
+  _write(tmp_path, [1, 2, 3, 4, 5])
+  after = time.time()
+  # assert_equal counts NaN equal to NaN; everything else must match exactly.
+  np.testing.assert_equal(_tensorboard_view(tmp_path / "tensorboard"),
+                          _expected_view([1, 2, 3, 4, 5]))
+  wall_times = [s.wall_time for scalars in
+                _load_scalars(tmp_path / "tensorboard").values()
+                for s in scalars]
+  assert len(wall_times) == 10
+  assert all(before <= t <= after for t in wall_times)
 
 
-def test_corrupt_event_file_is_detected(tmp_path):
-  writer = _write(tmp_path, [1])
-  data = bytearray(writer.event_path.read_bytes())
-  data[-6] ^= 0xFF
-  writer.event_path.write_bytes(bytes(data))
-  with pytest.raises(ValueError, match="crc mismatch"):
-    metrics.read_events(writer.event_path)
+def test_each_write_reaches_the_event_file_before_close(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    writer.write(1, STEPS[1])
+    writer.write(2, STEPS[2])
+    np.testing.assert_equal(_tensorboard_view(tmp_path / "tensorboard"),
+                            _expected_view([1, 2]))
 
 
-def test_resume_starts_a_new_event_file(tmp_path):
-  first = _write(tmp_path, [1, 2])
-  second = _write(tmp_path, [2, 4], resume_step=1)
-  files = sorted((tmp_path / "tensorboard").iterdir())
-  assert files == [first.event_path, second.event_path]
-
-
-def test_tensorboard_reads_our_event_files(tmp_path):
-  event_accumulator = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator")
-  _write(tmp_path, [1, 2, 4])
-  accumulator = event_accumulator.EventAccumulator(
-      str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
-  accumulator.Reload()
-  assert set(accumulator.Tags()["scalars"]) == {"loss", "lr"}
-  scalars = accumulator.Scalars("lr")
-  assert [s.step for s in scalars] == [1, 2, 4]
-  np.testing.assert_allclose([s.value for s in scalars], [1e-5, 2e-5, 4e-5],
-                             rtol=1e-6)
-  assert math.isnan(accumulator.Scalars("loss")[1].value)
+def test_resumed_run_adds_an_event_file_that_replaces_later_steps(tmp_path):
+  _write(tmp_path, [1, 2, 3])  # crashed after step 3; checkpoint at step 1.
+  _write(tmp_path, [2, 4], resume_step=1)
+  first, second = sorted((tmp_path / "tensorboard").iterdir())
+  np.testing.assert_equal(_tensorboard_view(first), _expected_view([1, 2, 3]))
+  np.testing.assert_equal(_tensorboard_view(second), _expected_view([2, 4]))
+  # Read in name order, the second file hides steps 2 and 3 of the first.
+  np.testing.assert_equal(_tensorboard_view(tmp_path / "tensorboard"),
+                          _expected_view([1, 2, 4]))
 
 
 def _images(n, height=64, width=96):

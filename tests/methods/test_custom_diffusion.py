@@ -1,7 +1,6 @@
 """Custom Diffusion: what trains, the new token, and the exported pipeline."""
 
 import re
-from pathlib import Path
 
 import diffusers
 import jax
@@ -11,13 +10,15 @@ import pytest
 import torch
 
 from personalize_jax import diffusion
-from personalize_jax.engine import sharding, train
+from personalize_jax.engine import config as config_lib
+from personalize_jax.engine import train
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base, custom_diffusion
+from personalize_jax.methods import custom_diffusion
 from personalize_jax.models import checkpoint
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax.pipeline import load_stable_diffusion
 
 import recipes
+from methods import helpers
 
 NEW_ID = 49408  # the first id after CLIP's 49,408
 KTN_ID = 42170  # the vocabulary piece "ktn" (as text it is "k" + "tn</w>")
@@ -36,11 +37,11 @@ def _config(**overrides):
   return recipes.override(c, overrides)
 
 
-def _method(config, workdir):
+def _built(config, workdir):
+  """``(method, pipeline)``: the built method and the pipeline it grew."""
   pipe = load_stable_diffusion("tiny", seed=config.seed)
-  ctx = base.Context(config=config, workdir=Path(workdir), pipeline=pipe,
-                     mesh=sharding.create_mesh())
-  return custom_diffusion.CustomDiffusion(ctx)
+  method, _, _ = helpers.build(custom_diffusion, config, workdir, pipe)
+  return method, pipe
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def trained(tmp_path_factory):
   """A 2-step tiny run; its export folder and the base model's tensors."""
   config = _config()
   workdir = tmp_path_factory.mktemp("custom_diffusion")
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir), custom_diffusion)
   base_pipe = load_stable_diffusion("tiny", seed=config.seed)
   tensors = {name: checkpoint.module_tensors(getattr(base_pipe, name))
              for name in ("unet", "vae", "text_encoder")}
@@ -115,33 +116,34 @@ def test_export_loads_in_diffusers_and_here(trained):
 
 
 def test_new_row_starts_as_the_initializer_token(tmp_path):
-  method = _method(_config(), tmp_path)
   before = np.asarray(
-      method.ctx.pipeline.text_encoder.text_model.embeddings.token_embedding
-      .embedding.get_value())
-  method.prepare()
-  pipe = method.ctx.pipeline
-  assert method.token_id == NEW_ID == len(pipe.tokenizer) - 1
+      load_stable_diffusion("tiny", seed=_config().seed).text_encoder
+      .text_model.embeddings.token_embedding.embedding.get_value())
+  method, pipe = _built(_config(), tmp_path)
+  assert pipe.tokenizer.convert_tokens_to_ids("<new1>") == NEW_ID
+  assert NEW_ID == len(pipe.tokenizer) - 1
   table = np.asarray(
       pipe.text_encoder.text_model.embeddings.token_embedding.embedding
       .get_value())
   np.testing.assert_array_equal(table[:NEW_ID], before)
   np.testing.assert_array_equal(table[NEW_ID], before[KTN_ID])
   assert pipe.text_encoder.config.vocab_size == NEW_ID + 1
-  assert NEW_ID in method.constants()["ids"][0]
-  assert set(method.trainable_modules()) == {"unet", "text_encoder"}
-  rows = method.row_masks()[custom_diffusion.TOKEN_TABLE]
+  assert NEW_ID in method.constants["ids"][0]
+  assert set(method.trainable) == {"unet", "text_encoder"}
+  rows = method.row_masks[custom_diffusion.TOKEN_TABLE]
   assert rows.sum() == 1 and rows[NEW_ID]
 
 
 def test_without_modifier_token_only_the_unet_trains(tmp_path):
-  method = _method(_config(**{"custom_diffusion.modifier_token": "",
-                              "data.unique_token": "sks"}), tmp_path)
-  method.prepare()
-  assert method.token_id is None and not method.row_masks()
-  assert set(method.trainable_modules()) == {"unet"}
-  assert len(method.ctx.pipeline.tokenizer) == NEW_ID
-  assert method.constants()["emb"].shape[0] == 1
+  config = _config(**{"custom_diffusion.modifier_token": "",
+                      "data.unique_token": "sks"})
+  method, pipe = _built(config, tmp_path)
+  # The token-table regex is dropped from config.trainable when resolved.
+  assert config.trainable == (custom_diffusion.TRAINABLE[0],)
+  assert not method.row_masks
+  assert set(method.trainable) == {"unet"}
+  assert len(pipe.tokenizer) == NEW_ID
+  assert method.constants["emb"].shape[0] == 1
 
 
 def test_initializer_id():
@@ -153,10 +155,20 @@ def test_initializer_id():
     custom_diffusion.initializer_id(tok, "zqxv ktn")
 
 
-def test_modifier_token_must_be_the_unique_token(tmp_path):
-  method = _method(_config(**{"data.unique_token": "sks"}), tmp_path)
+def test_modifier_token_must_be_the_unique_token():
+  config = _config(**{"data.unique_token": "sks"})
   with pytest.raises(UserError, match="differs from config.data.unique_token"):
-    method.prepare()
+    config_lib.validate(config, 1, custom_diffusion)
+
+
+def test_modifier_token_must_be_new_and_initializer_one_token():
+  config = _config(**{"data.unique_token": "dog",
+                      "custom_diffusion.modifier_token": "dog"})
+  with pytest.raises(UserError, match="already has 'dog'"):
+    custom_diffusion.validate(config)
+  config = _config(**{"custom_diffusion.initializer_token": "zqxv ktn"})
+  with pytest.raises(UserError, match="initializer_token='zqxv ktn'"):
+    custom_diffusion.validate(config)
 
 
 def test_only_rows_passes_gradients_through_selected_rows():

@@ -7,15 +7,16 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from PIL import Image
 
-from personalize_jax.engine import sharding
-from personalize_jax.methods import base, dreambooth
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax.errors import UserError
+from personalize_jax.methods import common, dreambooth
+from personalize_jax.pipeline import load_stable_diffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dreambooth_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PRIOR_WEIGHT = 0.5
 NUM_CLASS_IMAGES = 3
@@ -35,20 +36,12 @@ def _config(class_dir: Path, **dreambooth_overrides):
   return c
 
 
-def _method(config, workdir: Path, pipeline) -> dreambooth.DreamBooth:
-  method = dreambooth.DreamBooth(base.Context(
-      config=config, workdir=workdir, pipeline=pipeline,
-      mesh=sharding.create_mesh()))
-  method.prepare()
-  return method
-
-
-def _split(method):
-  params = {}
-  for name, module in method.trainable_modules().items():
-    method.graphdefs[name], params[name] = nnx.split(module)
-  frozen = {"modules": {}, "constants": method.constants()}
-  return params, frozen
+def _method(config, workdir: Path, pipeline):
+  """``(method, params, frozen, data)``: the built method and its data."""
+  method, params, frozen = helpers.build(dreambooth, config, workdir, pipeline)
+  data = dreambooth.prepare(helpers.context(config, workdir, pipeline),
+                            text_trains=False)
+  return method, params, frozen, data
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +70,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def overfit(setup):
   """Instance and prior losses over 20 Adam steps on one batch and one key."""
-  method = setup["method"]
-  params, frozen = _split(method)
+  method, params, frozen, _ = setup["method"]
   batch = method.batch(0)
   rng = jax.random.key(0)
   tx = optax.adam(1e-3)
@@ -114,18 +106,17 @@ def test_prior_loss_is_weighted_into_the_loss(overfit):
 
 
 def test_without_prior_preservation_there_is_no_class_half(setup):
-  method = setup["no_prior"]
-  params, frozen = _split(method)
+  method, params, frozen, _ = setup["no_prior"]
   batch = method.batch(0)
   assert set(batch) == {"instance_mean", "instance_std"}
   loss, metrics = jax.eval_shape(method.loss_fn, params, frozen, batch,
                                  jax.random.key(0))
   assert loss.shape == () and set(metrics) == {"loss/instance"}
-  assert {"class_mean", "class_std"} <= set(setup["method"].batch(0))
+  assert {"class_mean", "class_std"} <= set(setup["method"][0].batch(0))
 
 
 def test_batch_is_a_pure_function_of_the_step(setup):
-  method, twin = setup["method"], setup["twin"]
+  method, twin = setup["method"][0], setup["twin"][0]
   for step in (0, 7, 123):
     a, b, c = method.batch(step), method.batch(step), twin.batch(step)
     assert a.keys() == b.keys() == c.keys()
@@ -142,10 +133,10 @@ def _row_index(rows: np.ndarray, row: np.ndarray) -> int:
 
 
 def test_each_epoch_shows_every_photo_and_class_image_once(setup):
-  method = setup["method"]
-  means = method.instance["mean"]
+  method, _, _, data = setup["method"]
+  means = data.instance["mean"]
   photos = len(means) // 2  # 5 photos, then their flips.
-  assert photos == 5 and method.config.batch_size == 1
+  assert photos == 5
   flipped = set()
   for epoch in range(3):
     seen = []
@@ -155,7 +146,7 @@ def test_each_epoch_shows_every_photo_and_class_image_once(setup):
       flipped.add(index >= photos)
     assert sorted(seen) == list(range(photos)), epoch
   assert flipped == {False, True}
-  classes = method.klass["mean"]
+  classes = data.klass["mean"]
   for epoch in range(2):
     seen = [_row_index(classes, method.batch(step)["class_mean"][0])
             for step in range(epoch * NUM_CLASS_IMAGES,
@@ -166,9 +157,110 @@ def test_each_epoch_shows_every_photo_and_class_image_once(setup):
 @pytest.mark.parametrize("batch_size, n", [(1, 4), (3, 4), (4, 10)])
 def test_epoch_indices_are_permutations_across_batches(batch_size, n):
   steps = 3 * n  # positions for 3 * batch_size epochs.
-  flat = np.concatenate([base.epoch_indices(0, s, batch_size, n)
+  flat = np.concatenate([common.epoch_indices(0, s, batch_size, n)
                          for s in range(steps)])
   epochs = flat.reshape(-1, n)
   for order in epochs:
     assert sorted(order) == list(range(n))
   assert len({tuple(order) for order in epochs}) > 1  # reshuffled per epoch.
+
+
+def test_loss_from_errors_weights_the_prior_half():
+  err = np.array([1.0, 3.0, 10.0, 20.0], np.float32)
+  loss, metrics = dreambooth.loss_from_errors(err, 2, prior_loss_weight=0.5)
+  assert float(metrics["loss/instance"]) == 2.0
+  assert float(metrics["loss/prior"]) == 15.0
+  assert float(loss) == 2.0 + 0.5 * 15.0
+  loss, metrics = dreambooth.loss_from_errors(err[:2], 2,
+                                              prior_loss_weight=None,
+                                              instance_loss_weight=3.0)
+  assert float(loss) == 6.0 and set(metrics) == {"loss/instance"}
+
+
+# ------------------------------------------------- what trains, end to end
+
+
+@pytest.fixture(scope="module")
+def text_encoder_runs(tmp_path_factory):
+  """Two-step runs with ``train_text_encoder`` true and false; their exports."""
+  from personalize_jax.engine import metrics as metrics_lib, train  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  out = {}
+  for switch in (True, False):
+    config = dreambooth_tpu.get_config("tiny")
+    config.num_steps = 2
+    config.learning_rate = 1e-3
+    config.log_every_steps = 1
+    config.dreambooth.prior_preservation = False
+    config.dreambooth.train_text_encoder = switch
+    config.eval.prompts = ["a {token} {class_name}"]
+    config.eval.num_inference_steps = 1
+    workdir = tmp_path_factory.mktemp(f"text_encoder_{switch}")
+    train.train_and_evaluate(config, str(workdir), dreambooth)
+    out[switch] = {
+        "trainable": tuple(config.trainable),
+        "metrics": metrics_lib.read_metrics(workdir),
+        "export": {name: checkpoint.module_tensors(getattr(
+            load_stable_diffusion(workdir / "export"), name))
+                   for name in ("unet", "text_encoder", "vae")}}
+  base = load_stable_diffusion("tiny", seed=0)
+  out["base"] = {name: checkpoint.module_tensors(getattr(base, name))
+                 for name in ("unet", "text_encoder", "vae")}
+  return out
+
+
+def _changed(a: dict, b: dict) -> set:
+  assert sorted(a) == sorted(b)
+  return {k for k in a if not np.array_equal(a[k], b[k])}
+
+
+def test_train_text_encoder_true_trains_and_exports_the_text_encoder(
+    text_encoder_runs):
+  run, base = text_encoder_runs[True], text_encoder_runs["base"]
+  assert run["trainable"] == (r"^unet\.", dreambooth.TEXT_ENCODER)
+  assert _changed(run["export"]["text_encoder"], base["text_encoder"])
+  assert _changed(run["export"]["unet"], base["unet"])
+  assert not _changed(run["export"]["vae"], base["vae"])
+  logged = [r for r in run["metrics"] if "loss" in r]
+  assert all(r["update_norm/text_encoder"] > 0 and r["update_norm/unet"] > 0
+             for r in logged)
+
+
+def test_train_text_encoder_false_leaves_it_byte_identical(text_encoder_runs):
+  run, base = text_encoder_runs[False], text_encoder_runs["base"]
+  assert run["trainable"] == (r"^unet\.",)
+  assert not _changed(run["export"]["text_encoder"], base["text_encoder"])
+  assert not _changed(run["export"]["vae"], base["vae"])
+  assert _changed(run["export"]["unet"], base["unet"])
+  logged = [r for r in run["metrics"] if "loss" in r]
+  assert logged and all("update_norm/text_encoder" not in r for r in logged)
+  assert all(r["update_norm/unet"] > 0 for r in logged)
+
+
+def test_the_switch_adds_or_removes_its_regex_and_none_leaves_it():
+  config = dreambooth_tpu.get_config("tiny")
+  config.trainable = (r"^unet\.", dreambooth.TEXT_ENCODER)
+  config.dreambooth.train_text_encoder = None
+  dreambooth.resolve(config)
+  assert config.trainable == (r"^unet\.", dreambooth.TEXT_ENCODER)
+  config.dreambooth.train_text_encoder = False
+  dreambooth.resolve(config)
+  assert config.trainable == (r"^unet\.",)
+  config.dreambooth.train_text_encoder = True
+  dreambooth.resolve(config)
+  dreambooth.resolve(config)  # idempotent
+  assert config.trainable == (r"^unet\.", dreambooth.TEXT_ENCODER)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_class_images", -1, "num_class_images=-1"),
+    ("num_class_images", 0, "num_class_images=0"),
+    ("class_inference_steps", 0, "class_inference_steps=0"),
+    ("prior_loss_weight", -0.5, "prior_loss_weight=-0.5"),
+    ("class_prompt", " ", "class_prompt"),
+])
+def test_bad_dreambooth_values_are_one_line_errors(key, value, match):
+  config = dreambooth_tpu.get_config("tiny")
+  config.dreambooth[key] = value
+  with pytest.raises(UserError, match=match):
+    dreambooth.validate(config)

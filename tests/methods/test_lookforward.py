@@ -6,6 +6,7 @@ uses the tiny pipeline and the tiny DINO ViT; the last ones run the three
 recipes through the command line.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,19 +14,21 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import nnx
 from PIL import Image
 
 from personalize_jax import diffusion, rewards
 from personalize_jax.engine import optim, sharding, state as state_lib
+from personalize_jax.engine.method import Graphs
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base, custom_diffusion, dreambooth
-from personalize_jax.methods import lookforward
+from personalize_jax.methods import dreambooth, lookforward
 from personalize_jax.models import presets
 from personalize_jax.models.unet import UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL
@@ -35,6 +38,7 @@ import recipes
 REPO = Path(__file__).resolve().parents[2]
 LATENT = 8  # the tiny VAE's latent side (64 px images)
 SD1 = dict(presets.SCHEDULER)
+MESH = sharding.create_mesh(1, 1)
 
 
 def _config(recipe="lookforward_dreambooth_tpu", **overrides):
@@ -53,30 +57,45 @@ class _StubUNet(nnx.Module):
     return self.mix(x) * scale + self.text(emb.mean(1))[:, None, None, :]
 
 
-def _method(tmp_path, pipeline=None, cls=lookforward.LookForward, **overrides):
-  """A method prepared by hand: stub U-Net, random embeddings, no VAE."""
+def _method(tmp_path=None, unet=None, frozen_modules=None,
+            dino_reference=None, **overrides):
+  """Look Forward set up by hand: stub U-Net, random embeddings, no VAE.
+
+  Returns a namespace with the ``setup`` its loss closes over, ``loss`` (the
+  method's ``loss_fn``), ``params`` and ``frozen`` split as the engine does,
+  and the ``config``.
+  """
+  del tmp_path
   config = _config(**{"dreambooth.train_text_encoder": False, **overrides})
-  pipeline = pipeline or SimpleNamespace(unet=_StubUNet(32, nnx.Rngs(0)))
-  method = cls(base.Context(config=config, workdir=tmp_path, pipeline=pipeline,
-                            mesh=sharding.create_mesh(1, 1)))
-  method.scaling = presets.VAE["scaling_factor"]
-  method.schedule = diffusion.NoiseSchedule.from_config(SD1)
-  method.emb = np.random.default_rng(0).normal(size=(2, 77, 32)).astype(
-      np.float32)
-  if isinstance(method, lookforward.LookForward) and config.lookforward.critic:
-    method.build_critics(LATENT)
-  return method
-
-
-def _split(method):
-  """``(params, frozen)`` as the engine builds them."""
-  params, frozen = {}, {}
-  for name, module in method.trainable_modules().items():
-    method.graphdefs[name], params[name] = nnx.split(module)
-  for name, module in method.frozen_modules().items():
-    method.graphdefs[name], frozen[name] = nnx.split(module)
-  constants = jax.tree.map(jnp.asarray, method.constants())
-  return params, {"modules": frozen, "constants": constants}
+  lookforward.validate(config)
+  lf = config.lookforward
+  terms, td = lookforward.REWARDS[lf.reward], lookforward.uses_td(config)
+  trainable = {"unet": unet or _StubUNet(32, nnx.Rngs(0))}
+  if lf.critic:
+    trainable["qnetwork"] = lookforward.make_critics(terms, LATENT, config.seed)
+    if td:
+      trainable["qnetwork_target"] = lookforward.make_critics(
+          terms, LATENT, config.seed)
+  frozen_modules = frozen_modules or {}
+  emb = np.random.default_rng(0).normal(size=(2, 77, 32)).astype(np.float32)
+  data = dreambooth.Data(
+      instance={}, klass=None, num_flips=1, text={"emb": emb},
+      scaling=presets.VAE["scaling_factor"],
+      schedule=diffusion.NoiseSchedule.from_config(SD1))
+  graphs = Graphs({**trainable, **frozen_modules})
+  setup = lookforward.Setup(config=config, graphs=graphs, data=data,
+                            terms=terms,
+                            weights=lookforward.reward_weights(config), td=td,
+                            rows=None)
+  constants = {"emb": jnp.asarray(emb)}
+  if dino_reference is not None:
+    constants["dino_reference"] = jnp.asarray(dino_reference)
+  return SimpleNamespace(
+      setup=setup, config=config, graphs=graphs, data=data, emb=emb,
+      loss=lambda p, f, b, r: lookforward.loss_fn(setup, p, f, b, r),
+      params={n: nnx.state(m) for n, m in trainable.items()},
+      frozen={"modules": {n: nnx.state(m) for n, m in frozen_modules.items()},
+              "constants": constants})
 
 
 def _batch(batch_size=2, seed=0):
@@ -119,8 +138,6 @@ def test_look_forward_error_is_the_noise_error_times_one_minus_abar_over_abar():
 @pytest.mark.parametrize(
     "config", [SD1, dict(SD1, prediction_type="v_prediction")])
 def test_x0_hat_is_diffusers_pred_original_sample(config):
-  diffusers = pytest.importorskip("diffusers")
-  torch = pytest.importorskip("torch")
   ours = diffusion.NoiseSchedule.from_config(config)
   ref = diffusers.DDIMScheduler.from_config(config)
   ref.set_timesteps(50)
@@ -141,31 +158,30 @@ def test_x0_hat_is_diffusers_pred_original_sample(config):
 def test_without_the_actor_the_loss_is_dreamboths(tmp_path):
   method = _method(tmp_path, **{"lookforward.critic": False,
                                 "lookforward.actor_weight": 0.0})
-  params, frozen = _split(method)
-  db = _method(tmp_path, cls=dreambooth.DreamBooth)
-  db.graphdefs = method.graphdefs
+  params, frozen = method.params, method.frozen
   batch, rng = _batch(), jax.random.key(3)
-  loss, metrics = method.loss_fn(params, frozen, batch, rng)
-  want, want_metrics = db.loss_fn(params, frozen, batch, rng)
+  loss, metrics = method.loss(params, frozen, batch, rng)
+  want, want_metrics = dreambooth.denoising_loss(
+      method.config, method.graphs, method.data, params, frozen, batch, rng)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   for key in ("loss/instance", "loss/prior"):
     np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-6)
   # The public code's objective drops the instance loss: prior (+ actor) only.
   method.config.lookforward.instance_loss_weight = 0.0
-  loss, metrics = method.loss_fn(params, frozen, batch, rng)
+  loss, metrics = method.loss(params, frozen, batch, rng)
   np.testing.assert_allclose(loss, metrics["loss/prior"], rtol=1e-6)
 
 
 def test_actor_and_critic_gradients_separate_by_construction(tmp_path):
   method = _method(tmp_path)
-  params, frozen = _split(method)
+  params, frozen = method.params, method.frozen
   batch, rng = _batch(), jax.random.key(1)
 
   @jax.jit
   def grads(params):
     grad_of = lambda key: jax.grad(
-        lambda p: method.loss_fn(p, frozen, batch, rng)[1][key])(params)
-    total = jax.grad(lambda p: method.loss_fn(p, frozen, batch, rng)[0])(params)
+        lambda p: method.loss(p, frozen, batch, rng)[1][key])(params)
+    total = jax.grad(lambda p: method.loss(p, frozen, batch, rng)[0])(params)
     return grad_of("loss/critic"), grad_of("loss/actor"), total
 
   critic, actor, total = grads(params)
@@ -179,20 +195,22 @@ def test_actor_and_critic_gradients_separate_by_construction(tmp_path):
 def test_td_target_adds_the_discounted_target_critic_of_the_next_state(
     tmp_path):
   method = _method(tmp_path, **{"lookforward.critic_target": "td"})
-  params, _ = _split(method)
+  params, frozen = method.params, method.frozen
   rng = np.random.default_rng(0)
   x0, noisy, pred = (jnp.asarray(rng.normal(size=(2, LATENT, LATENT, 4)),
                                  jnp.float32) for _ in range(3))
   emb = jnp.asarray(method.emb[:1].repeat(2, 0))
 
   one_step = _method(tmp_path)
-  one_step.graphdefs = method.graphdefs
+  one_step = dataclasses.replace(one_step.setup, graphs=method.graphs)
+  method = method.setup
 
-  def critic_loss(m, params, t):
+  def critic_loss(setup, params, t):
     t = jnp.full((2,), t, jnp.int32)
-    x0_hat = m.schedule.predict_x0(noisy, pred, t)
+    x0_hat = setup.data.schedule.predict_x0(noisy, pred, t)
     r = {"latent": lookforward.latent_reward(x0_hat, x0)}
-    return m.critic_terms(params, x0_hat, x0, r, (noisy, pred, t, emb))[1]
+    return lookforward.critic_terms(setup, params, frozen, x0_hat, x0, r,
+                                    (noisy, pred, t, emb))[1]
 
   # t = 0 ends the chain: nothing is bootstrapped.
   np.testing.assert_allclose(critic_loss(method, params, 0),
@@ -209,19 +227,18 @@ def test_dino_reward_gradient_reaches_the_denoiser_not_the_frozen_models(
     tmp_path):
   # All tiny models: the gradient runs from DINO through the VAE decoder into
   # the tiny U-Net's parameters.
-  pipeline = SimpleNamespace(
-      unet=UNet2DConditionModel.from_pretrained("tiny", seed=0),
-      vae=AutoencoderKL.from_pretrained("tiny", seed=1))
-  method = _method(tmp_path, pipeline, **{
-      "lookforward.reward": "dino", "lookforward.critic": False,
-      "lookforward.instance_loss_weight": 0.0,
-      "dreambooth.prior_preservation": False})
-  method.dino = rewards.DinoReward.from_pretrained("tiny")
-  method.dino_reference = np.random.default_rng(0).normal(
-      size=(3, 32)).astype(np.float32)
-  params, frozen = _split(method)
+  method = _method(
+      tmp_path, unet=UNet2DConditionModel.from_pretrained("tiny", seed=0),
+      frozen_modules={"vae": AutoencoderKL.from_pretrained("tiny", seed=1),
+                      "dino": rewards.DinoReward.from_pretrained("tiny")},
+      dino_reference=np.random.default_rng(0).normal(
+          size=(3, 32)).astype(np.float32),
+      **{"lookforward.reward": "dino", "lookforward.critic": False,
+         "lookforward.instance_loss_weight": 0.0,
+         "dreambooth.prior_preservation": False})
+  params, frozen = method.params, method.frozen
   batch = {k: v[:1] for k, v in _batch().items() if k.startswith("instance")}
-  loss_fn = lambda p, f: method.loss_fn(p, f, batch, jax.random.key(0))
+  loss_fn = lambda p, f: method.loss(p, f, batch, jax.random.key(0))
   (loss, metrics), (grads, frozen_grads) = jax.jit(jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True))(params, frozen)
   # The loss is the actor term alone: -gamma^t * reward/dino.
@@ -235,25 +252,24 @@ def test_dino_reward_gradient_reaches_the_denoiser_not_the_frozen_models(
     assert all(not x.any() for x in frozen_grad), name
 
 
-def test_both_rewards_fit_a_critic_each_and_sum_their_q(tmp_path):
+def test_both_rewards_fit_a_critic_each_and_sum_their_q(tmp_path,
+                                                       monkeypatch):
   method = _method(tmp_path, **{"lookforward.reward": "both",
                                 "lookforward.dino_weight": 0.25})
   # A stand-in for the DINO reward (the test above runs the real one), so
   # that only the critics' plumbing is compiled here.
-  method.rewards = lambda frozen, x0_hat, x0: {
+  monkeypatch.setattr(lookforward, "rewards", lambda setup, p, f, x0_hat, x0: {
       "latent": lookforward.latent_reward(x0_hat, x0),
-      "dino": -jnp.mean(jnp.abs(x0_hat), axis=(1, 2, 3))}
-  method.frozen_modules = dict
-  method.dino_reference = np.ones((1, 32), np.float32)
-  params, frozen = _split(method)
+      "dino": -jnp.mean(jnp.abs(x0_hat), axis=(1, 2, 3))})
+  params, frozen = method.params, method.frozen
   assert set(params["qnetwork"]) == {"latent", "dino"}
   batch, rng = _batch(), jax.random.key(0)
 
   @jax.jit
   def run(params):
-    grads = jax.grad(lambda p: method.loss_fn(
+    grads = jax.grad(lambda p: method.loss(
         p, frozen, batch, rng)[1]["loss/critic"])(params)
-    return method.loss_fn(params, frozen, batch, rng)[1], grads
+    return method.loss(params, frozen, batch, rng)[1], grads
 
   metrics, grads = run(params)
   assert {"reward/latent", "reward/dino", "loss/critic"} <= set(metrics)
@@ -267,9 +283,9 @@ def test_both_rewards_fit_a_critic_each_and_sum_their_q(tmp_path):
   # Q = -(Q_latent + 0.25 Q_dino): each critic estimates a (positive) cost.
   np.testing.assert_allclose(q(params), q_latent + q_dino, rtol=1e-5)
   assert q_latent < 0 and q_dino < 0
-  method.weights["dino"] = 0.5  # read when traced: a fresh trace doubles it
+  method.setup.weights["dino"] = 0.5  # read when traced: a fresh trace doubles it
   np.testing.assert_allclose(
-      float(jax.jit(lambda p: method.loss_fn(p, frozen, batch, rng)[1][
+      float(jax.jit(lambda p: method.loss(p, frozen, batch, rng)[1][
           "q/mean"])(zero("latent"))), 2 * q_dino, rtol=1e-5)
 
 
@@ -278,25 +294,26 @@ def test_both_rewards_fit_a_critic_each_and_sum_their_q(tmp_path):
 
 def _engine(method):
   """The engine's optimizer, state and jitted step for a hand-made method."""
-  params, frozen = _split(method)
+  params, frozen, config = method.params, method.frozen, method.config
+  td = lookforward.uses_td(config)
   tx, schedule, labels = optim.make_optimizer(
-      method.config, params, extra=method.extra_optimizers(),
-      row_masks=method.row_masks())
-  mesh = method.ctx.mesh
+      config, params, extra=lookforward.critic_optimizers(config, td))
+  mesh = MESH
   state = state_lib.create_train_state(params, tx, 0, mesh)
   frozen = jax.device_put(frozen, sharding.replicated(mesh))
   step = state_lib.make_train_step(
-      method.loss_fn, tx, schedule, labels, nan_policy="stop",
+      method.loss, tx, schedule, labels, nan_policy="stop",
       state_shardings=state_lib.shardings_of(state),
       frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
-      post_update=method.post_update)
+      post_update=(lambda p, s: lookforward.update_target(config, p, s))
+      if td else None)
   return state, frozen, step
 
 
 def test_engine_trains_the_critic_until_its_loss_falls(tmp_path):
   method = _method(tmp_path, **{"learning_rate": 1e-3})
   state, frozen, step = _engine(method)
-  batch = state_lib.shard_batch(_batch(), method.ctx.mesh)
+  batch = state_lib.shard_batch(_batch(), MESH)
   first = jax.device_get(state.params)
   for _ in range(40):
     state, metrics = step(state, frozen, batch)
@@ -308,7 +325,7 @@ def test_engine_trains_the_critic_until_its_loss_falls(tmp_path):
     # The same draws for both critics, on the trained denoiser.
     params = dict(last, qnetwork=critic)
     keys = jax.random.split(jax.random.key(7), 16)
-    return jnp.mean(jax.vmap(lambda k: method.loss_fn(
+    return jnp.mean(jax.vmap(lambda k: method.loss(
         params, frozen, batch, k)[1]["loss/critic"])(keys))
 
   before, after = critic_loss(first["qnetwork"]), critic_loss(last["qnetwork"])
@@ -320,7 +337,7 @@ def test_td_target_network_lags_the_online_one_as_configured(tmp_path):
                                 "lookforward.target_tau": 0.5,
                                 "lookforward.target_update_every_steps": 2})
   state, frozen, step = _engine(method)
-  batch = state_lib.shard_batch(_batch(), method.ctx.mesh)
+  batch = state_lib.shard_batch(_batch(), MESH)
   init = _leaves(state.params["qnetwork_target"])
   _assert_equal(init, _leaves(state.params["qnetwork"]))
   state, _ = step(state, frozen, batch)  # step 1: no update due
@@ -351,13 +368,11 @@ def test_invalid_values_are_one_line_user_errors(tmp_path, key, value, match):
     _method(tmp_path, **{f"lookforward.{key}": value})
 
 
-def test_custom_diffusion_base_builds_on_custom_diffusion(tmp_path):
-  config = _config("lookforward_custom_diffusion_tpu")
-  method = lookforward.LookForward(base.Context(
-      config=config, workdir=tmp_path, pipeline=None, mesh=None))
-  assert isinstance(method, custom_diffusion.CustomDiffusion)
-  assert isinstance(method, lookforward.LookForward)
-  assert "critic" in method.extra_optimizers()
+def test_custom_diffusion_base_validates_custom_diffusion_keys():
+  config = _config("lookforward_custom_diffusion_tpu",
+                   **{"custom_diffusion.initializer_token": "zqxv ktn"})
+  with pytest.raises(UserError, match="initializer_token='zqxv ktn'"):
+    lookforward.validate(config)
 
 
 # --------------------------------------------------------------------- CLI
@@ -377,11 +392,18 @@ def class_images(tmp_path_factory):
 RECIPES = {
     "lookforward_dreambooth_tpu": {"loss/actor", "loss/critic", "q/mean",
                                    "reward/latent", "loss/prior",
-                                   "loss/instance"},
+                                   "loss/instance", "update_norm/unet",
+                                   "update_norm/text_encoder",
+                                   "update_norm/qnetwork"},
     "lookforward_custom_diffusion_tpu": {"loss/actor", "loss/critic", "q/mean",
-                                         "reward/latent", "loss/prior"},
+                                         "reward/latent", "loss/prior",
+                                         "update_norm/unet",
+                                         "update_norm/text_encoder",
+                                         "update_norm/qnetwork"},
     "dino_reward_dreambooth_tpu": {"loss/actor", "q/mean", "reward/dino",
-                                   "reward/latent", "loss/prior"},
+                                   "reward/latent", "loss/prior",
+                                   "update_norm/unet",
+                                   "update_norm/text_encoder"},
 }
 
 
@@ -426,6 +448,10 @@ def test_tiny_recipe_runs_through_the_cli(cli_runs, recipe):
   for line in logged:
     assert scalars <= set(line), scalars - set(line)
     assert all(np.isfinite(line[k]) for k in scalars)
+    # Every component in the optimizer moves; no other one is in it.
+    moved = {k for k in line if k.startswith("update_norm/")}
+    assert moved == {k for k in scalars if k.startswith("update_norm/")}
+    assert all(line[k] > 0 for k in moved), line
   if recipe.startswith("dino"):
     assert "loss/critic" not in logged[0]
   assert (workdir / "export" / "unet").is_dir()

@@ -15,9 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from personalize_jax import diffusion
+from personalize_jax import diffusion, rewards
 from personalize_jax.errors import UserError
-from personalize_jax.methods import base, rpo
+from personalize_jax.engine.method import Graphs
+from personalize_jax.methods import common, rpo
 from personalize_jax.models.unet import UNet2DConditionModel
 
 import recipes
@@ -34,13 +35,19 @@ def _config(arg=None):
   return recipes.load("rpo_tpu", arg)
 
 
-def _method(config, unet=None) -> rpo.RPO:
-  """An RPO whose pipeline has only what the loss and data helpers read."""
-  pipeline = SimpleNamespace(
-      schedule=diffusion.NoiseSchedule.from_pretrained("tiny"),
-      vae=SimpleNamespace(scaling_factor=1.0), unet=unet)
-  return rpo.RPO(base.Context(config=config, workdir=Path("/nonexistent"),
-                              pipeline=pipeline, mesh=None))
+def _data(**fields) -> rpo.Data:
+  """RPO's data with the tiny schedule, scale 1 and what the test gives."""
+  defaults = dict(reference={}, generated={}, num_references=0, num_flips=1,
+                  emb=None, reward_ref=None, reward_gen=None, scaling=1.0,
+                  schedule=diffusion.NoiseSchedule.from_pretrained("tiny"))
+  return rpo.Data(**{**defaults, **fields})
+
+
+def _loss(config, unet, base_unet):
+  """RPO's loss on these denoisers: ``loss(params, frozen, batch, rng)``."""
+  graphs = Graphs({"unet": unet, "base_unet": base_unet})
+  data = _data()
+  return lambda *args: rpo.loss_fn(config, graphs, data, *args)
 
 
 def _np_loss(e, y, beta):
@@ -87,22 +94,24 @@ def test_preference_gradient_favours_the_labelled_image():
 
 # ------------------------------------------------------------ labels and data
 
-def _data_method(batch_size: int) -> rpo.RPO:
+def _data_method(batch_size: int):
   """RPO with 3 references and 2 prompts x 2 images; latents name the image."""
   config = _config("tiny")
   config.batch_size = batch_size
   config.rpo.num_images_per_prompt = 2
-  m = _method(config)
-  m.num_references, m.num_flips = 3, 1
-  m.reference = {"mean": np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+  data = _data(
+      num_references=3,
+      reference={"mean": np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
                          * np.ones((3, 2, 2, 4), np.float32),
-                 "std": np.zeros((3, 2, 2, 4), np.float32)}
-  m.generated = {"mean": np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)
+                 "std": np.zeros((3, 2, 2, 4), np.float32)},
+      generated={"mean": np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1)
                          * np.ones((4, 2, 2, 4), np.float32),
-                 "std": np.zeros((4, 2, 2, 4), np.float32)}
-  m.reward_ref = np.array([[2.0, 0.0], [0.5, -1.0], [1.0, 1.5]], np.float32)
-  m.reward_gen = np.array([0.0, 1.5, -1.0, 2.0], np.float32)
-  return m
+                 "std": np.zeros((4, 2, 2, 4), np.float32)},
+      reward_ref=np.array([[2.0, 0.0], [0.5, -1.0], [1.0, 1.5]], np.float32),
+      reward_gen=np.array([0.0, 1.5, -1.0, 2.0], np.float32))
+  return SimpleNamespace(batch=lambda step: rpo.make_batch(config, data, step),
+                         reward_ref=data.reward_ref,
+                         reward_gen=data.reward_gen)
 
 
 def test_labels_follow_bradley_terry_of_each_pairs_own_rewards():
@@ -158,9 +167,9 @@ def _wired_loss(theta: float, base_scale: float, *, same_images: bool,
   config = _config("tiny")
   for key, value in rpo_overrides.items():
     config.rpo[key] = value
-  m = _method(config)
-  m.graphdefs["unet"], params = nnx.split(_Affine(theta))
-  m.graphdefs["base_unet"], frozen = nnx.split(_Affine(base_scale))
+  unet, base_unet = _Affine(theta), _Affine(base_scale)
+  loss = _loss(config, unet, base_unet)
+  params, frozen = nnx.state(unet), nnx.state(base_unet)
   rng = np.random.default_rng(1)
   ref = rng.standard_normal((4, 2, 2, 4)).astype(np.float32)
   gen = ref if same_images else rng.standard_normal(ref.shape).astype(
@@ -171,7 +180,7 @@ def _wired_loss(theta: float, base_scale: float, *, same_images: bool,
            "gen_std": np.zeros_like(gen),
            "prompt": np.array([0, 1, 0, 1], np.int32),
            "labels": np.array([1, 0, 1, 1], np.float32)}
-  _, metrics = m.loss_fn({"unet": params},
+  _, metrics = loss({"unet": params},
                          {"modules": {"base_unet": frozen},
                           "constants": {"emb": jnp.asarray(emb)}},
                          batch, jax.random.key(0))
@@ -213,9 +222,8 @@ def test_implicit_accuracy_rises_with_labels_fixed_to_one():
   """The real loss_fn trains the tiny U-Net to prefer the labelled image."""
   config = _config("tiny")
   unet = UNet2DConditionModel.from_pretrained("tiny", seed=0)
-  m = _method(config, unet)
-  m.graphdefs["unet"], params = nnx.split(unet)
-  m.graphdefs["base_unet"] = m.graphdefs["unet"]
+  loss = _loss(config, unet, unet)
+  params = nnx.state(unet)
   frozen = {"modules": {"base_unet": jax.tree.map(jnp.copy, params)},
             "constants": {"emb": jax.random.normal(jax.random.key(1),
                                                    (3, 77, 32))}}
@@ -231,7 +239,7 @@ def test_implicit_accuracy_rises_with_labels_fixed_to_one():
   params = {"unet": params}
 
   def step(params, opt_state, rng):
-    (_, metrics), grads = jax.value_and_grad(m.loss_fn, has_aux=True)(
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
         params, frozen, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
@@ -254,10 +262,9 @@ def test_recipe_follows_the_paper():
   assert (c.learning_rate, c.optimizer.weight_decay,
           c.optimizer.clip_grad_norm, c.num_steps) == (5e-6, 1e-2, 1.0, 400)
   assert (c.eval_every_steps, c.early_stopping_patience) == (40, 0)
-  assert list(c.trainable) == [r"^unet\."] and c.batch_size % 4 == 0
+  assert tuple(c.trainable) == (r"^unet\.",) and c.batch_size % 4 == 0
   assert (c.rpo.beta, c.rpo.lambda_train, c.rpo.lambda_val) == (1.0, 0.0, 0.3)
   assert c.rpo.num_images_per_prompt == 4 and c.rpo.reward_model == "b32"
-  assert rpo.RPO.best_metric == ("val/harmonic", "max")
   assert _config("tiny").rpo.reward_model == "tiny"
 
 
@@ -271,24 +278,48 @@ def test_training_prompts_follow_the_kind_of_subject(class_name, live,
   c = _config()
   c.data.class_name = class_name
   c.rpo.live_subject = live
-  m = _method(c)
-  prompts = m.training_prompts()
+  prompts = rpo.training_prompts(c)
   assert len(prompts) == 8 and expect in prompts
-  assert not set(m.format_prompts(c.rpo.val_prompts)) & set(prompts)
+  assert not set(common.format_prompts(c, c.rpo.val_prompts)) & set(prompts)
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def test_prompt_seen_by_the_reward_model_drops_the_token():
-  assert rpo.without_token("a sks dog on the Moon", "sks") == (
-      "a dog on the Moon")
-  assert rpo.without_token("a SKS dog", "sks") == "a dog"
-  assert rpo.without_token("a sksy dog", "sks") == "a sksy dog"
+  config = _config("tiny")
+  config.data.unique_token = "sks"
+  config.rpo.num_images_per_prompt = 2
+  assert config.rpo.lambda_train == 0.0  # rewards are ALIGN-T alone.
+  clip = rewards.Embedder.clip(config.rpo.reward_model)
+  rng = np.random.default_rng(0)
+  photos, generated = ([rng.integers(0, 256, (40, 40, 3), np.uint8)
+                        for _ in range(n)] for n in (3, 4))
+  ref_clip = clip.images(photos)
+  got = rpo.training_rewards(config, clip, ["a sks dog on the Moon",
+                                            "a SKS dog"], ref_clip, generated)
+  # What CLIP reads: the prompts as if written without the token.
+  text = _unit(clip.texts(["a dog on the Moon", "a dog"], "sks"))
+  gen = _unit(clip.images(generated))
+  np.testing.assert_allclose(
+      got["gen"], (np.sum(gen * np.repeat(text, 2, axis=0), -1) + 1) / 2,
+      rtol=1e-6)
+  np.testing.assert_allclose(got["ref"], (_unit(ref_clip) @ text.T + 1) / 2,
+                             rtol=1e-6)
+  # Left in (another token configured), "sks" changes the rewards.
+  config.data.unique_token = "zwx"
+  kept = rpo.training_rewards(config, clip, ["a sks dog on the Moon",
+                                             "a SKS dog"], ref_clip, generated)
+  assert not np.allclose(kept["gen"], got["gen"])
 
 
 def test_bad_rpo_value_is_a_one_line_user_error():
   c = _config("tiny")
   c.rpo.ref_prompt = "both"
   with pytest.raises(UserError, match=r"config\.rpo\.ref_prompt='both'"):
-    _method(c).prepare()
+    rpo.validate(c)
 
 
 # ------------------------------------------------------- tiny run via the CLI
@@ -323,6 +354,11 @@ def test_cli_run_writes_negatives_metrics_and_export(cli_run):
   assert {"loss/sim", "loss/pref", "pref/implicit_acc", "pref/reward_margin",
           "val/harmonic", "val/align_i", "val/align_t"} <= keys
   assert all(np.isfinite(v) for r in rows for v in r.values())
+  # The U-Net alone is in the optimizer, and it moves.
+  logged = [r for r in rows if "loss" in r]
+  assert logged and all(
+      {k for k in r if k.startswith("update_norm/")} == {"update_norm/unet"}
+      and r["update_norm/unet"] > 0 for r in logged)
   assert (workdir / "export" / "unet").is_dir()
   assert "trained" in stdout
 

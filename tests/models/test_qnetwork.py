@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from personalize_jax.models import QNetwork, count_params
@@ -37,7 +38,6 @@ def test_untrained_network_grows_with_a_non_negative_input():
 
 
 def test_matches_the_public_pytorch_module_with_its_weights():
-  torch = pytest.importorskip("torch")
   size = 8
   q = QNetwork(size, rngs=nnx.Rngs(2))
   # FullyConvRegressionModel's forward, sized for 8x8 latents.

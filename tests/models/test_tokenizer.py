@@ -12,11 +12,10 @@ import unicodedata
 
 import numpy as np
 import pytest
+import regex
 
 from personalize_jax.errors import CheckpointError
 from personalize_jax.models import tokenizer as tok_lib
-
-regex = pytest.importorskip("regex")
 
 BOS, EOS = 49406, 49407
 EDGE_CASES = [

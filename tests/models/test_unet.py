@@ -17,23 +17,12 @@ from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.unet import (UNet2DConditionConfig,
                                          UNet2DConditionModel)
 
-_SD_BLOCKS = dict(
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    in_channels=4, out_channels=4, sample_size=64, act_fn="silu",
-    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
-    downsample_padding=1, center_input_sample=False, mid_block_scale_factor=1)
-
-# The unet/config.json values of the published checkpoints.
-PUBLISHED = {
-    "CompVis/stable-diffusion-v1-4": dict(
-        _SD_BLOCKS, attention_head_dim=8, cross_attention_dim=768),
-    "stabilityai/stable-diffusion-2-1-base": dict(
-        _SD_BLOCKS, attention_head_dim=[5, 10, 20, 20],
-        cross_attention_dim=1024,
-        use_linear_projection=True, dual_cross_attention=False,
-        num_class_embeds=None, only_cross_attention=False),
+# Parameters of the published U-Nets (presets.PUBLISHED holds their configs).
+PUBLISHED_PARAMS = {
+    "CompVis/stable-diffusion-v1-4": 859_520_964,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": 859_520_964,
+    "stabilityai/stable-diffusion-2-1-base": 865_910_724,
+    "stabilityai/stable-diffusion-2-1": 865_910_724,
 }
 
 # SD 1.x style: conv projections, one head count; odd flags to test them too.
@@ -230,12 +219,13 @@ def test_tiny_preset_builds_and_runs():
   assert (out.shape, out.dtype) == ((3, 8, 8, 4), jnp.float32)
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(presets.PUBLISHED))
 def test_published_parameter_counts(name):
-  count = checkpoint.count_params(_abstract(PUBLISHED[name]))
-  assert count == _diffusers_count(PUBLISHED[name])
-  if name == "CompVis/stable-diffusion-v1-4":
-    assert count == 859_520_964
+  """``presets.PUBLISHED`` (used by the abstract benchmarks) builds each U-Net
+  diffusers builds from the same config.json values."""
+  config = presets.PUBLISHED[name]["unet"]
+  count = checkpoint.count_params(_abstract(config))
+  assert count == _diffusers_count(config) == PUBLISHED_PARAMS[name]
 
 
 def test_missing_key_is_a_one_line_checkpoint_error(tmp_path):
@@ -282,16 +272,3 @@ def test_remat_works_on_a_frozen_model_called_inside_grad():
   assert np.abs(grads[False]).max() > 0
   np.testing.assert_allclose(grads[True], grads[False], rtol=1e-4,
                              atol=1e-6 * np.abs(grads[False]).max())
-
-
-@pytest.mark.parametrize("name", sorted(presets.PUBLISHED))
-def test_presets_of_published_unets_count_as_diffusers(name):
-  """``presets.PUBLISHED`` (used by the abstract benchmarks) builds each U-Net
-  diffusers builds from the same config.json values."""
-  config = {k: v for k, v in presets.PUBLISHED[name]["unet"].items()
-            if not k.startswith("_")}
-  assert (checkpoint.count_params(_abstract(config))
-          == _diffusers_count(config))
-  if name in PUBLISHED:
-    assert config == {k: v for k, v in PUBLISHED[name].items()
-                      if k in config}

@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,6 @@ from flax import nnx
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-
-diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
     "tiny": presets.VAE,

@@ -10,8 +10,8 @@ import transformers
 from personalize_jax import diffusion
 from personalize_jax.errors import CheckpointError
 from personalize_jax.models import checkpoint, presets
-from personalize_jax.models.pipeline import load_stable_diffusion
 from personalize_jax.models.tokenizer import load_tokenizer
+from personalize_jax.pipeline import load_stable_diffusion
 
 PROMPTS = ["a photo of sks dog", "a sks dog on the beach"]
 STEPS = 4
@@ -111,7 +111,7 @@ _SHARDED_GENERATE = r"""
 import jax, numpy as np
 from personalize_jax import diffusion
 from personalize_jax.engine import sharding
-from personalize_jax.models.pipeline import load_stable_diffusion
+from personalize_jax.pipeline import load_stable_diffusion
 assert jax.device_count() == 8
 pipe = load_stable_diffusion("tiny")
 prompts = ["a photo of sks dog"] * 3 + ["a sks dog on the beach"] * 3

@@ -4,6 +4,9 @@ The folder layout is diffusers' (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), so the same code loads the
 real weights from a local copy or the Hub and writes fine-tuned models that
 ``diffusers.StableDiffusionPipeline.from_pretrained`` loads.
+
+It lives above ``models`` because it pairs them with ``diffusion``'s noise
+schedule; modules under ``models`` never import ``diffusion``.
 """
 
 import dataclasses
@@ -13,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from flax import nnx
 
 from personalize_jax import diffusion
 from personalize_jax.errors import CheckpointError
 from personalize_jax.models import checkpoint, presets
-from personalize_jax.models.clip import CLIPTextModel
+from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from personalize_jax.models.tokenizer import load_tokenizer
-from personalize_jax.models.unet import UNet2DConditionModel
-from personalize_jax.models.vae import AutoencoderKL
+from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -147,3 +151,25 @@ def _schedule(folder: Path) -> diffusion.NoiseSchedule:
   config = checkpoint.read_json(folder / diffusion.SCHEDULER_CONFIG)
   config.update(steps_offset=1, clip_sample=False)
   return diffusion.NoiseSchedule.from_config(config)
+
+
+def abstract_component(path_or_hub_id: str | os.PathLike,
+                       name: str) -> nnx.Module:
+  """Component ``name`` (``unet``, ``vae``, ``text_encoder``), shapes only.
+
+  Reads the component's ``config.json`` (``tiny``: the preset), never its
+  weights: for checks of a config against the model before anything loads.
+  """
+  cls, config_cls, preset = {
+      "unet": (UNet2DConditionModel, UNet2DConditionConfig, presets.UNET),
+      "vae": (AutoencoderKL, AutoencoderKLConfig, presets.VAE),
+      "text_encoder": (CLIPTextModel, CLIPTextConfig, presets.CLIP_TEXT),
+  }[name]
+  if str(path_or_hub_id) == presets.TINY:
+    values = preset
+  else:
+    folder = checkpoint.resolve_pretrained(path_or_hub_id, name)
+    values = checkpoint.read_json(folder / "config.json")
+  config = config_cls.from_dict(values)
+  return nnx.eval_shape(
+      lambda: cls(config, rngs=checkpoint.shape_only_rngs()))

@@ -1,0 +1,58 @@
+"""Golden values: the step-1 loss of every tiny recipe with its fixed seed.
+
+A refactor that changes the maths (the noise, the data order, a loss term)
+fails here loudly. The values were computed before the methods became values
+the engine runs (issue 15), and the refactor kept them.
+"""
+
+import jax
+import pytest
+
+from personalize_jax import methods
+from personalize_jax.engine import config as config_lib
+from personalize_jax.engine import state as state_lib, train
+
+import recipes
+
+# A minute or so per recipe (each prepares its data and compiles its step).
+pytestmark = pytest.mark.slow
+
+# recipe: {metric: value after step 1}, float32 on the CPU.
+GOLDEN = {
+    "dreambooth_tpu": {"loss": 3.253732919692993,
+                       "loss/instance": 1.6549373865127563,
+                       "loss/prior": 1.5987955331802368},
+    "custom_diffusion_tpu": {"loss": 3.2076239585876465,
+                             "loss/instance": 1.6333239078521729,
+                             "loss/prior": 1.5743001699447632},
+    "rpo_tpu": {"loss": 2.052119493484497,
+                "loss/pref": 0.6931471824645996,
+                "loss/sim": 1.3589723110198975},
+    "lookforward_dreambooth_tpu": {"loss": 10.619841575622559,
+                                   "loss/actor": 0.9913106560707092,
+                                   "loss/critic": 6.374797344207764,
+                                   "loss/instance": 1.6549373865127563,
+                                   "loss/prior": 1.5987955331802368},
+    "lookforward_custom_diffusion_tpu": {"loss": 10.43134880065918,
+                                         "loss/actor": 0.9744345545768738,
+                                         "loss/critic": 6.249289512634277,
+                                         "loss/instance": 1.6333239078521729,
+                                         "loss/prior": 1.5743001699447632},
+    "dino_reward_dreambooth_tpu": {"loss": 3.4148168563842773,
+                                   "loss/actor": 0.16108395159244537,
+                                   "loss/instance": 1.6549373865127563,
+                                   "loss/prior": 1.5987955331802368},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(GOLDEN))
+def test_step_one_losses_are_pinned(recipe, tmp_path):
+  config = recipes.load(recipe)
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  trainer = train.build_trainer(config, tmp_path, method)
+  batch = state_lib.shard_batch(trainer.method.batch(0), trainer.mesh)
+  _, metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
+  got = {k: float(v) for k, v in jax.device_get(metrics).items()
+         if k in GOLDEN[recipe]}
+  assert got == pytest.approx(GOLDEN[recipe], rel=1e-6, abs=0)
