@@ -34,14 +34,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from personalize_jax import diffusion
+from personalize_jax import diffusion, methods
 from personalize_jax.engine import config as config_lib
-from personalize_jax.engine import optim, sharding, state as state_lib
-from personalize_jax import methods
-from personalize_jax.engine import train
-from personalize_jax.engine.method import Context, Method
+from personalize_jax.engine import sharding, state as state_lib, train
+from personalize_jax.engine.method import Method
 from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from personalize_jax.models.tokenizer import load_tokenizer
@@ -256,35 +253,14 @@ class Built:
   unet_params: int
 
 
-def _with_shardings(tree, shardings):
-  """``ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings``.
-
-  ``shardings`` may be a prefix of ``tree`` (one sharding per ``nnx.Variable``).
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  shards = jax.tree.leaves(shardings)
-  assert len(leaves) == len(shards), (len(leaves), len(shards))
-  return treedef.unflatten([
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-      for x, s in zip(leaves, shards)])
-
-
-def _abstract_host(tree, target: NamedSharding):
-  """Host arrays -> ``ShapeDtypeStruct`` as ``jax.device_put`` would type them."""
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(
-      np.shape(v), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype),
-      sharding=target), tree)
-
-
 def abstract_trainer(config, workdir: Path, shape: Shape,
                      pipeline: StableDiffusion | None = None,
                      devices=None) -> Built:
   """The engine's trainer with SD-sized abstract modules: nothing materialised.
 
-  Mirrors ``train.build_trainer`` (``tests/test_benchmarks.py`` checks that
-  both give the same shapes, dtypes and shardings): prepares the method on the
-  stand-in pipeline, swaps its modules for ``full_size`` twins, builds the
-  optimizer, the state's layout and the jitted step the same way.
+  ``train.build_trainer(..., abstract=True)``: the method prepares its data on
+  the stand-in pipeline, and its step runs ``full_size`` twins of the
+  stand-ins (with the recipe's attention when ``devices`` are given).
 
   Args:
     config: the recipe.
@@ -296,9 +272,6 @@ def abstract_trainer(config, workdir: Path, shape: Shape,
       data is then prepared on the host's devices and only the step's
       (abstract) inputs are laid out on these.
   """
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  host_mesh = mesh if devices is None else sharding.create_mesh(-1, 1)
-  dtype = train.compute_dtype(config)
   # The data is prepared on the host: with an attention it can run there
   # (the step's modules get the recipe's below).
   pipeline = pipeline or stand_in_pipeline(
@@ -315,54 +288,16 @@ def abstract_trainer(config, workdir: Path, shape: Shape,
         set_attention(sized[name], config.model.attention_impl)
     return sized[name]
 
-  ctx = Context(config=config, workdir=workdir, pipeline=pipeline,
-                mesh=host_mesh, step_module=step_module)
-  config_lib.resolve(config, methods.get(config.method))
-  method = methods.get(config.method).build(ctx)
-  ctx.mesh = mesh
-  abstract = lambda module: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(module))
-  prepared_params, _ = train.split_trainable(config, method)
-  params = {name: abstract(step_module(name, method.trainable[name]))
-            for name in prepared_params}
-  frozen_states = {name: abstract(step_module(name, module))
-                   for name, module in {**method.trainable,
-                                        **method.frozen}.items()
-                   if name not in params}
-  tx, schedule, labels = optim.make_optimizer(
-      config, params, extra=method.extra_optimizers,
-      row_masks=method.row_masks)
-  params = _with_shardings(params, sharding.state_shardings(params, mesh))
-  replicated = sharding.replicated(mesh)
-  # As state.create_train_state: each moment laid out like its parameter.
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_state = _with_shardings(abstract_opt, state_lib.opt_state_shardings(
-      abstract_opt, params, mesh))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  state = state_lib.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      params=params, opt_state=opt_state,
-      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
-  frozen_dtype = dtype if config.mixed_precision == "bf16" else None
-  frozen_states = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(
-          x.shape, frozen_dtype if frozen_dtype is not None
-          and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
-      frozen_states)
-  frozen = {
-      "modules": _with_shardings(
-          frozen_states, sharding.state_shardings(frozen_states, mesh)),
-      "constants": _abstract_host(dict(method.constants), replicated),
-  }
-  train_step = state_lib.make_train_step(
-      method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
-      state_shardings=state_lib.shardings_of(state),
-      frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
-      post_update=method.post_update)
-  return Built(config=config, shape=shape, method=method, pipeline=pipeline,
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  trainer = train.build_trainer(config, workdir, method, pipeline=pipeline,
+                                devices=devices, step_module=step_module,
+                                abstract=True)
+  return Built(config=config, shape=shape, method=trainer.method,
+               pipeline=pipeline,
                unet_def=nnx.graphdef(step_module("unet", pipeline.unet)),
-               mesh=mesh, state=state, frozen=frozen, train_step=train_step,
-               abstract=True,
+               mesh=trainer.mesh, state=trainer.state, frozen=trainer.frozen,
+               train_step=trainer.train_step, abstract=True,
                unet_params=count_params(sized, ("unet",)))
 
 
@@ -416,7 +351,7 @@ def lower_validation(built: Built, batch: int) -> dict:
 
 
 def abstract_batch(method: Method, mesh) -> dict:
-  return _abstract_host(method.batch(0), sharding.batch_sharding(mesh))
+  return state_lib.abstract_host(method.batch(0), sharding.batch_sharding(mesh))
 
 
 def materialise(tree, seed: int = 0):

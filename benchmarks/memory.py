@@ -190,7 +190,8 @@ def engine_residents(name: str, args) -> dict:
   import jax
   from flax import nnx
   import common
-  from personalize_jax.engine import train
+  from personalize_jax import methods
+  from personalize_jax.engine import config as config_lib, train
   # pylint: enable=g-import-not-at-top
   scenario = SCENARIOS[name]
   shape = common.SHAPES["tiny"]
@@ -200,7 +201,10 @@ def engine_residents(name: str, args) -> dict:
   config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
   with tempfile.TemporaryDirectory() as workdir:
     pipeline = common.stand_in_pipeline(shape, config.mixed_precision)
-    trainer = train.build_trainer(config, Path(workdir), pipeline=pipeline)
+    method = methods.get(config.method)
+    config_lib.resolve(config, method)
+    trainer = train.build_trainer(config, Path(workdir), method,
+                                  pipeline=pipeline)
     # Buffers, not array objects: on one device the state aliases the
     # pipeline's arrays, and one buffer must count once.
     per_device = _buffer_bytes(jax.live_arrays())

@@ -182,21 +182,34 @@ class Trainer:
 
 
 def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
-                  method: types.ModuleType, pipeline: Any = None) -> Trainer:
+                  method: types.ModuleType, pipeline: Any = None, *,
+                  devices=None,
+                  step_module: Callable[[str, nnx.Module], nnx.Module]
+                  | None = None, abstract: bool = False) -> Trainer:
   """Mesh, models, the method's data, the sharded state and the jitted step.
 
   Everything a run does before its loop except the run directory's services
   (lock, checkpoints, metrics); ``train_and_evaluate`` and the benchmarks
-  share it.
+  share it. Built abstract-first: the state's shapes and shardings come
+  first (and are checked), then, unless ``abstract``, the arrays are placed.
 
   Args:
-    config: a validated config.
+    config: a resolved, validated config.
     workdir: the run directory; the method caches its data in it.
     method: the method's module (``personalize_jax.methods.get``).
     pipeline: the models; loaded from ``config.model`` if None.
+    devices: the devices of the step's mesh (default: all). Compile-only
+      devices (a TPU topology on a CPU host) need ``abstract``: the method's
+      data is then prepared on this host's devices.
+    step_module: ``(name, module) -> module`` the step runs instead of the
+      one the data was prepared with (full-size twins of small stand-ins).
+    abstract: make the state and frozen inputs ``ShapeDtypeStruct``s with
+      their shardings, nothing allocated: the step can be lowered, compiled
+      and its memory read without reading a weight.
   """
   # ------------------------------------------------------------------ mesh
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  host_mesh = mesh if devices is None else sharding.create_mesh(-1, 1)
   dtype = compute_dtype(config)
   # ---------------------------------------------------------------- models
   if pipeline is None:
@@ -205,45 +218,52 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
         attention_impl=config.model.attention_impl, remat=config.model.remat,
         seed=config.seed)
   # ------------------------------------------------------------------ data
-  method = method.build(Context(config=config, workdir=workdir,
-                                pipeline=pipeline, mesh=mesh))
-  # ----------------------------------------------------------------- state
+  ctx = Context(config=config, workdir=workdir, pipeline=pipeline,
+                mesh=host_mesh)
+  if step_module is not None:
+    ctx.step_module = step_module
+  method = method.build(ctx)
+  # Evaluations run where the step runs.
+  ctx.mesh = mesh
+  # ---------------------------------------------------------------- shapes
   params, trainable = split_trainable(config, method)
-  frozen_states = {name: nnx.state(module)
-                   for name, module in method.frozen.items()}
-  frozen_states.update({name: nnx.state(module) for name, module
-                        in method.trainable.items() if name not in params})
+  modules = {**method.trainable, **method.frozen}
+  frozen_states = {name: nnx.state(ctx.step_module(name, module))
+                   for name, module in modules.items() if name not in params}
+  if step_module is not None:
+    params = {name: nnx.state(ctx.step_module(name, module))
+              for name, module in trainable.items()}
   tx, schedule, labels = optim.make_optimizer(
       config, params, extra=method.extra_optimizers,
       row_masks=method.row_masks)
-  state = state_lib.create_train_state(params, tx, config.seed, mesh)
-  del params
-  # The modules now hold the placed (sharded) arrays, so their unsharded
-  # originals are freed: under FSDP they would otherwise stay whole on one
-  # device beside the shards (3.4 GB for SD 1.4's U-Net). On one device the
-  # placed arrays are the originals and nothing changes.
-  for name, module in trainable.items():
-    nnx.update(module, state.params[name])
-  del trainable
+  # ------------------------------------------------------------- shardings
+  abstract_state = state_lib.abstract_train_state(params, tx, mesh)
+  check_fsdp(abstract_state.params, mesh)
   frozen_dtype = dtype if config.mixed_precision == "bf16" else None
-  frozen = {
-      "modules": state_lib.place_params(frozen_states, mesh, frozen_dtype),
-      "constants": sharding.put(dict(method.constants),
-                                sharding.replicated(mesh)),
-  }
-  fraction = sharding.sharded_fraction(
-      state.params, jax.tree.map(lambda x: x.sharding, state.params))
-  logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
-               100 * fraction)
-  if mesh.shape[sharding.FSDP] > 1 and (
-      fraction < MIN_FSDP_FRACTION):
-    # As maxtext asserts: FSDP that shards little only costs communication.
-    raise UserError(
-        f"config.mesh.fsdp={mesh.shape['fsdp']} shards only "
-        f"{100 * fraction:.0f}% of the trainable parameter bytes (at least "
-        f"{100 * MIN_FSDP_FRACTION:.0f}% expected): their dimensions do not "
-        "divide by it; use a smaller mesh.fsdp (a divisor of the channel "
-        "counts) or mesh.fsdp=1")
+  replicated = sharding.replicated(mesh)
+  # ---------------------------------------------------------------- shard
+  if abstract:
+    state = abstract_state
+    frozen = {
+        "modules": state_lib.abstract_params(frozen_states, mesh,
+                                             frozen_dtype),
+        "constants": state_lib.abstract_host(dict(method.constants),
+                                             replicated),
+    }
+  else:
+    state = state_lib.create_train_state(params, tx, config.seed, mesh)
+    del params
+    # The modules now hold the placed (sharded) arrays, so their unsharded
+    # originals are freed: under FSDP they would otherwise stay whole on one
+    # device beside the shards (3.4 GB for SD 1.4's U-Net). On one device the
+    # placed arrays are the originals and nothing changes.
+    for name, module in trainable.items():
+      nnx.update(module, state.params[name])
+    frozen = {
+        "modules": state_lib.place_params(frozen_states, mesh, frozen_dtype),
+        "constants": sharding.put(dict(method.constants), replicated),
+    }
+  del trainable
   # ---------------------------------------------------------------- update
   train_step = state_lib.make_train_step(
       method.loss_fn, tx, schedule, labels, nan_policy=config.nan_policy,
@@ -253,6 +273,24 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
       post_update=method.post_update)
   return Trainer(mesh=mesh, pipeline=pipeline, method=method, state=state,
                  frozen=frozen, train_step=train_step)
+
+
+def check_fsdp(params, mesh: Mesh) -> None:
+  """Refuses FSDP that shards too little of the trainable bytes (as maxtext).
+
+  Raises:
+    UserError: ``mesh.fsdp > 1`` splits under ``MIN_FSDP_FRACTION`` of them.
+  """
+  fraction = sharding.sharded_fraction(params, state_lib.shardings_of(params))
+  logging.info("%.0f%% of trainable parameter bytes are sharded over the mesh",
+               100 * fraction)
+  size = mesh.shape[sharding.FSDP]
+  if size > 1 and fraction < MIN_FSDP_FRACTION:
+    raise UserError(
+        f"config.mesh.fsdp={size} shards only {100 * fraction:.0f}% of the "
+        f"trainable parameter bytes (at least {100 * MIN_FSDP_FRACTION:.0f}% "
+        "expected): their dimensions do not divide by it; use a smaller "
+        "mesh.fsdp (a divisor of the channel counts) or mesh.fsdp=1")
 
 
 def _run(config, workdir: Path, method_module) -> Summary:
