@@ -349,7 +349,10 @@ def _run(config, workdir: Path, method_module) -> Summary:
       done = step + 1
       window_steps += 1
       unchecked.append((done, step_metrics["finite"]))
-      ensure_finite(keep=1)
+      # Read at once: reading it one step later (keep=1) let the processes
+      # of a multi-host run drift a step apart, and gloo's connection to the
+      # next collective timed out on a loaded 2-core host.
+      ensure_finite()
       last_step = done == config.num_steps
       if done % config.log_every_steps == 0 or last_step:
         ensure_finite()
