@@ -48,6 +48,7 @@ setup(
             "pytest-xdist",
             "torch==2.13.0",  # the CPU build; a bare `torch` pulls CUDA wheels
             "diffusers==0.42.1",
+            "peft==0.21.2",  # diffusers' load_lora_weights; LoRA references
             "tensorboard",  # reads our event files back in tests; no TensorFlow
             TPU,  # tests/test_tpu_compile.py compiles for a TPU topology
         ],

@@ -41,4 +41,5 @@ def get_config(arg: str | None = None):
   c.custom_diffusion.initializer_token = "ktn"
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 250
-  return config_lib.with_variant(c, arg)
+  # No LoRA variant: Custom Diffusion already trains a small subset.
+  return config_lib.with_variant(c, arg, lora=None)

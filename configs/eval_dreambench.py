@@ -18,7 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset_dir = "../shared/dreambench/dataset"  # google/dreambooth dataset/
   config.tfds_data_dir = ""  # prepared tfds records; "" = <workdir>/tfds
   config.images_dir = ""  # generated images, <subject>/<prompt_idx>_<k>.png
-  config.model = ""  # or a pipeline (or folder of one per subject) to sample
+  config.model = ""  # or a pipeline or LoRA export (or a folder of one per subject) to sample
+  config.base_model = ""  # what LoRA-only folders adapt; "" = their train_config.json
   config.subjects = "all"  # "all" or comma-separated names: "dog,cat"
   config.num_prompts = 25  # the first N prompts of each subject's list
   config.num_images_per_prompt = 4  # images per prompt (the paper: 4)

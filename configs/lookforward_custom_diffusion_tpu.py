@@ -31,6 +31,6 @@ def get_config(arg: str | None = None):
   c.lookforward.reward = "latent"
   c.lookforward.critic = True
   c.lookforward.critic_target = "one_step"
-  if arg == "tiny":
+  if "tiny" in config_lib.variants(arg):
     c.lookforward.dino_model = "tiny"
   return c

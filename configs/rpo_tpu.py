@@ -56,7 +56,12 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 40
   c.checkpoint_every_steps = 100
   c.early_stopping_patience = 0
-  return config_lib.with_variant(c, arg, tiny)
+  return config_lib.with_variant(c, arg, tiny, lora)
+
+
+def lora(c):
+  """LoRA of rank 32 on the U-Net's attention (the authors' SDXL LoRA rank)."""
+  return config_lib.lora_variant(c, rank=32)
 
 
 def tiny(c):

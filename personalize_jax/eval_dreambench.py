@@ -159,14 +159,17 @@ def read_generated(images_dir: Path, subject: str, num_prompts: int,
 # ------------------------------------------------------------- generation --
 
 def model_for_subject(model: str, subject: str) -> str:
-  """``<model>/<subject>`` when it is a pipeline folder, else ``model`` itself.
+  """``<model>/<subject>`` when it is a model folder, else ``model`` itself.
 
   DreamBooth fine-tunes one model per subject: a folder holding one pipeline
-  per subject name serves a whole run; a single pipeline (or ``tiny``) is
-  used for every subject asked for.
+  (or one LoRA export) per subject name serves a whole run; a single
+  pipeline (or ``tiny``) is used for every subject asked for.
   """
   candidate = Path(model) / subject
-  return str(candidate) if (candidate / "model_index.json").is_file() else model
+  if ((candidate / "model_index.json").is_file()
+      or pipeline_lib.is_lora_folder(candidate)):
+    return str(candidate)
+  return model
 
 
 def generate_images(config: ml_collections.ConfigDict,
@@ -179,7 +182,7 @@ def generate_images(config: ml_collections.ConfigDict,
       tqdm(sorted(prompts.items()), desc="generating", unit="subject")):
     source = model_for_subject(config.model, subject)
     if pipeline is None or pipeline.source != source:
-      pipeline = pipeline_lib.load_stable_diffusion(source)
+      pipeline = pipeline_lib.load_export(source, base=config.base_model)
     for i, prompt in enumerate(subject_prompts):
       images = diffusion.generate(
           pipeline, [prompt] * config.num_images_per_prompt,

@@ -139,8 +139,14 @@ def summary_text(summary, config, config_arg: str) -> str:
     lines.append(f"final evaluation (scores: {folder / 'metrics.md'}; "
                  f"side by side: {folder / 'comparison.png'}):")
     lines += final_eval.summary_lines(summary.final_eval)
+  if config.lora.rank:
+    lines.append(
+        f"  LoRA (diffusers format, load_lora_weights): "
+        f"{work / 'export' / 'pytorch_lora_weights.safetensors'}"
+        + ("  (fused pipeline beside it)" if config.lora.export_fused else ""))
+  else:
+    lines.append(f"  fine-tuned pipeline (diffusers layout): {work / 'export'}")
   lines += [
-      f"  fine-tuned pipeline (diffusers layout): {work / 'export'}",
       f"  metrics: {work / 'metrics.jsonl'}  (TensorBoard: {work / 'tensorboard'})",
       f"  sample grids: {work / 'samples'}",
       f"  checkpoints: {work / 'checkpoints'}",

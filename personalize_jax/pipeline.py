@@ -13,14 +13,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from personalize_jax import diffusion
 from personalize_jax.errors import CheckpointError
-from personalize_jax.models import checkpoint, presets
+from personalize_jax.models import checkpoint, lora_files, presets
 from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from personalize_jax.models.tokenizer import load_tokenizer
 from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -90,7 +90,10 @@ class StableDiffusion:
 def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
                           dtype=jnp.float32, param_dtype=jnp.float32,
                           attention_impl: str = "xla", remat: bool = False,
-                          seed: int = 0) -> StableDiffusion:
+                          seed: int = 0,
+                          lora: str | os.PathLike | Sequence[
+                              tuple[str | os.PathLike, float]] | None = None,
+                          lora_scale: float = 1.0) -> StableDiffusion:
   """Loads a Stable Diffusion 1.x/2.x pipeline folder, Hub id, or ``tiny``.
 
   Args:
@@ -101,15 +104,25 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
     attention_impl: see ``personalize_jax.models.attention``.
     remat: rematerialise U-Net blocks in the backward pass.
     seed: the random seed of the ``tiny`` models.
+    lora: LoRA weights to fuse into the U-Net and text encoder as they load:
+      a ``.safetensors`` file or a folder holding one (diffusers/PEFT,
+      older diffusers, or kohya-ss keys; see ``models.lora_files``), or a
+      list of ``(file_or_dir, scale)`` pairs to fuse several.
+    lora_scale: the strength of ``lora`` (it multiplies each pair's scale):
+      each weight becomes ``W + lora_scale * scale * alpha / rank * up @ down``.
 
   Raises:
-    CheckpointError: the folder is not a Stable Diffusion pipeline.
+    CheckpointError: the folder is not a Stable Diffusion pipeline, or a LoRA
+      file cannot be read or does not fit the models.
+    UserError: ``lora`` is neither a path nor a list of pairs.
   """
   source = str(path_or_hub_id)
+  # Read (and check) the LoRA files before the model weights, which are slower.
+  loras = [] if lora is None else lora_files.read_loras(lora, lora_scale)
   kwargs = dict(dtype=dtype, param_dtype=param_dtype,
                 attention_impl=attention_impl)
   if source == presets.TINY:
-    return StableDiffusion(
+    pipe = StableDiffusion(
         unet=UNet2DConditionModel.from_pretrained(
             presets.TINY, remat=remat, seed=seed, **kwargs),
         vae=AutoencoderKL.from_pretrained(presets.TINY, seed=seed + 1, **kwargs),
@@ -118,6 +131,7 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
         tokenizer=load_tokenizer(presets.TINY),
         schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
         source=source)
+    return _with_loras(pipe, loras)
   root = checkpoint.resolve_pretrained(source)
   index = root / "model_index.json"
   if not index.is_file():
@@ -131,7 +145,7 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
         f"{root} lacks {', '.join(m + '/' for m in missing)}; a Stable "
         "Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and "
         "scheduler/ (download the whole model)")
-  return StableDiffusion(
+  pipe = StableDiffusion(
       unet=UNet2DConditionModel.from_pretrained(root, "unet", remat=remat,
                                                 **kwargs),
       vae=AutoencoderKL.from_pretrained(root, "vae", **kwargs),
@@ -139,6 +153,59 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
       tokenizer=load_tokenizer(root, subfolder="tokenizer"),
       schedule=_schedule(root / "scheduler"),
       source=source)
+  return _with_loras(pipe, loras)
+
+
+def is_lora_folder(folder: str | os.PathLike) -> bool:
+  """A folder of LoRA weights alone (a LoRA run's export), not a pipeline."""
+  folder = Path(folder)
+  return ((folder / lora_files.LORA_WEIGHTS_NAME).is_file()
+          and not (folder / "model_index.json").is_file())
+
+
+def load_export(folder: str | os.PathLike, base: str | os.PathLike = "",
+                **kwargs) -> StableDiffusion:
+  """A fine-tuned model as a run exports it: a pipeline, or base + LoRA.
+
+  Args:
+    folder: a pipeline folder (full fine-tuning, or a LoRA run with
+      ``lora.export_fused``), or a folder holding only
+      ``pytorch_lora_weights.safetensors``.
+    base: the pipeline a LoRA-only folder adapts; "" reads it from the
+      folder's ``train_config.json`` (``model.pretrained``, and ``seed`` for
+      the ``tiny`` models), as this package's runs write it.
+    **kwargs: passed to ``load_stable_diffusion``.
+
+  Raises:
+    CheckpointError: a LoRA-only folder whose base is unknown, or any loading
+      error of ``load_stable_diffusion``.
+  """
+  if not is_lora_folder(folder):
+    return load_stable_diffusion(folder, **kwargs)
+  folder = Path(folder)
+  base = str(base)
+  if not base:
+    train_config = folder / "train_config.json"
+    if not train_config.is_file():
+      raise CheckpointError(
+          f"{folder} holds LoRA weights but no train_config.json naming the "
+          "model they adapt; pass the base pipeline (e.g. "
+          "--config.base_model=CompVis/stable-diffusion-v1-4)")
+    values = checkpoint.read_json(train_config)
+    base = str(values["model"]["pretrained"])
+    if base == presets.TINY:
+      kwargs.setdefault("seed", values.get("seed", 0))
+  pipe = load_stable_diffusion(base, lora=folder, **kwargs)
+  return dataclasses.replace(pipe, source=str(folder))
+
+
+def _with_loras(pipe: StableDiffusion,
+                loras: list[tuple[lora_files.LoraFile, float]]
+                ) -> StableDiffusion:
+  """``pipe`` with each ``(LoraFile, strength)`` fused into its weights."""
+  lora_files.fuse_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                        loras)
+  return pipe
 
 
 def _schedule(folder: Path) -> diffusion.NoiseSchedule:

@@ -32,6 +32,15 @@ CASES = {
         ["--config=configs/custom_diffusion_tpu.py:tiny",
          "--config.custom_diffusion.initializer_token=zqxv ktn"], 1,
         "initializer_token='zqxv ktn' is 5 tokens"),
+    "custom_diffusion_lora": (
+        ["--config=configs/custom_diffusion_tpu.py:tiny",
+         "--config.lora.rank=4"], 1, "config.lora.rank=4 is invalid for"),
+    "lora_part_of_a_component": (
+        [TINY + ",lora", "--config.trainable=('^unet\\.up_blocks\\.',)"], 1,
+        "selects part of a component"),
+    "lora_target_matches_nothing": (
+        [TINY + ",lora", "--config.lora.unet_targets=('\\.to_qq$',)"], 1,
+        "LoRA target regex '\\.to_qq$' matches no linear layer"),
     "trainable_matches_nothing": (
         [TINY, "--config.trainable=('^unet\\.', '^unet_typo\\.')"], 1,
         "'^unet_typo\\.' matches no parameter"),

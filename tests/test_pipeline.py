@@ -5,45 +5,23 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from personalize_jax import diffusion
 from personalize_jax.errors import CheckpointError
-from personalize_jax.models import checkpoint, presets
-from personalize_jax.models.tokenizer import load_tokenizer
+from personalize_jax.models import checkpoint
 from personalize_jax.pipeline import load_stable_diffusion
+
+import torch_reference
 
 PROMPTS = ["a photo of sks dog", "a sks dog on the beach"]
 STEPS = 4
 
 
-def _public(config):
-  return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """A tiny diffusers pipeline saved in the Hub layout, and its folder."""
-  torch.manual_seed(0)
-  text_config = {k: v for k, v in presets.CLIP_TEXT.items()
-                 if k not in ("model_type", "architectures")}
-  pipe = diffusers.StableDiffusionPipeline(
-      vae=diffusers.AutoencoderKL(**_public(presets.VAE)),
-      text_encoder=transformers.CLIPTextModel(
-          transformers.CLIPTextConfig(**text_config)),
-      tokenizer=load_tokenizer(presets.TINY),
-      unet=diffusers.UNet2DConditionModel(**_public(presets.UNET)),
-      scheduler=diffusers.DDIMScheduler(**_public(presets.SCHEDULER)),
-      safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  # Move norms and biases off their identity init so they are exercised.
-  with torch.no_grad():
-    for name, p in pipe.unet.named_parameters():
-      if "norm" in name or name.endswith("bias"):
-        p.add_(0.1 * torch.randn_like(p))
   folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-  pipe.save_pretrained(folder)
-  return pipe, folder
+  return torch_reference.tiny_pipeline(folder), folder
 
 
 def _diffusers_images(pipe, rng):
@@ -138,3 +116,49 @@ def test_generate_spreads_over_devices(tmp_path):
   _, same_shape, max_diff, frac = line[0].split()
   assert same_shape == "True"
   assert int(max_diff) <= 1 and float(frac) < 1e-3
+
+
+def test_load_export_of_a_lora_run_is_the_base_with_the_adapters_fused(
+    tmp_path):
+  """A LoRA-only export names its base in train_config.json."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from personalize_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models import lora  # pylint: disable=g-import-not-at-top
+  import recipes  # pylint: disable=g-import-not-at-top
+  config = recipes.load("dreambooth_tpu", "tiny,lora",
+                        **{"seed": 3, "lora.alpha": 8.0})
+  config.trainable = (r"^unet\..*\.lora_[AB]\.weight$",)
+  trained = load_stable_diffusion("tiny", seed=3)
+  lora.add_adapters(trained.unet, config.lora.unet_targets, rank=4, alpha=8.0)
+  rng = np.random.default_rng(0)
+  for _, linear in lora.linear_modules(trained.unet):
+    if linear.lora_B is not None:
+      linear.lora_B.kernel.set_value(jax.numpy.asarray(
+          rng.standard_normal(linear.lora_B.kernel.get_value().shape),
+          jax.numpy.float32))
+  folder = tmp_path / "export"
+  train.write_export(trained, folder, config)
+  (folder / "train_config.json").write_text(
+      ml_collections.ConfigDict(config).to_json())
+  assert sorted(p.name for p in folder.iterdir()) == [
+      "pytorch_lora_weights.safetensors", "train_config.json"]
+  assert pipeline_lib.is_lora_folder(folder)
+  loaded = pipeline_lib.load_export(folder)
+  assert loaded.source == str(folder)
+  expected = checkpoint.module_tensors(lora.fused(trained.unet))
+  ours = checkpoint.module_tensors(loaded.unet)
+  assert expected.keys() == ours.keys()
+  for key, value in expected.items():
+    np.testing.assert_allclose(ours[key], value, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  base = checkpoint.module_tensors(load_stable_diffusion("tiny", seed=3).unet)
+  adapted = [n for n, m in lora.linear_modules(trained.unet)
+             if m.lora_A is not None]
+  assert adapted and sum(not np.array_equal(base[k], ours[k])
+                         for k in base) == len(adapted)
+  (folder / "train_config.json").unlink()
+  with pytest.raises(CheckpointError, match="no train_config.json"):
+    pipeline_lib.load_export(folder)
+  assert checkpoint.module_tensors(pipeline_lib.load_export(
+      folder, base="tiny", seed=3).unet).keys() == ours.keys()

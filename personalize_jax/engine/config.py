@@ -15,6 +15,7 @@ from typing import Callable
 import ml_collections
 
 from personalize_jax.errors import UserError
+from personalize_jax.models import lora
 
 MIXED_PRECISION = ("bf16", "fp32")
 NAN_POLICIES = ("stop", "skip")
@@ -55,6 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size; -1 fills with remaining devices.
   c.mesh.fsdp = 1  # parameter-sharding axis size; -1 fills with remaining devices.
+
+  # LoRA (Hu et al. 2021): low-rank adapters on linear layers instead of
+  # training the weights themselves; off at rank 0.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # adapter rank; 0 = fine-tune the weights config.trainable names.
+  c.lora.alpha = ml_collections.config_dict.placeholder(float)  # scale alpha/rank; None = rank.
+  c.lora.unet_targets = (r"\.(to_q|to_k|to_v|to_out\.0)$",)  # U-Net linear layers adapted.
+  c.lora.text_encoder_targets = (r"\.(q_proj|k_proj|v_proj|out_proj)$",)  # when it trains.
+  c.lora.init = "gaussian"  # A's init: "gaussian" N(0, 1/rank) or "kaiming"; B starts at 0.
+  c.lora.export_fused = False  # also export the full pipeline with the adapters merged.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.b1 = 0.9  # AdamW beta1.
@@ -135,14 +146,98 @@ def tiny_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def with_variant(c: ml_collections.ConfigDict, arg: str | None,
-                 tiny: Callable = tiny_variant) -> ml_collections.ConfigDict:
-  """A recipe's ``get_config(arg)`` tail: ``arg="tiny"`` applies ``tiny``."""
-  if arg == "tiny":
-    return tiny(c)
-  if arg:
-    raise ValueError(f"unknown variant {arg!r}; use 'tiny'")
+def lora_variant(c: ml_collections.ConfigDict, rank: int = 4,
+                 learning_rate: float = 1e-4) -> ml_collections.ConfigDict:
+  """The ``:lora`` variant: adapters of ``rank`` instead of full weights, at
+  the learning rate LoRA recipes use (diffusers' LoRA DreamBooth: 1e-4)."""
+  c.lora.rank = rank
+  c.learning_rate = learning_rate
   return c
+
+
+def with_variant(c: ml_collections.ConfigDict, arg: str | None,
+                 tiny: Callable = tiny_variant,
+                 lora: Callable | None = lora_variant
+                 ) -> ml_collections.ConfigDict:
+  """A recipe's ``get_config(arg)`` tail: ``arg`` lists variants by comma.
+
+  ``tiny`` applies ``tiny``; ``lora`` applies ``lora`` (None: the recipe has
+  no LoRA variant). ``"tiny,lora"`` applies both, in that order.
+  """
+  available = {"tiny": tiny}
+  if lora is not None:
+    available["lora"] = lora
+  names = variants(arg)
+  for name in names:
+    if name not in available:
+      raise ValueError(f"unknown variant {name!r}; use "
+                       f"{' or '.join(repr(v) for v in available)}")
+  for name in available:
+    if name in names:
+      c = available[name](c)
+  return c
+
+
+def variants(arg: str | None) -> list[str]:
+  """The variant names in a recipe argument: ``"tiny,lora"`` -> both."""
+  return [a.strip() for a in (arg or "").split(",") if a.strip()]
+
+
+LORA_COMPONENTS = ("unet", "text_encoder")
+
+
+def _lora_pattern(component: str) -> str:
+  return rf"^{component}\..*{lora.LEAF_PATTERN}"
+
+
+def resolve_lora(config: ml_collections.ConfigDict) -> None:
+  r"""With ``lora.rank > 0``, ``config.trainable`` becomes the adapters' leaves.
+
+  Each regex then names whole components (``^unet\.``, ``^text_encoder\.``):
+  those get adapters on the layers ``lora.<component>_targets`` match, and
+  only the adapters train. Already-resolved adapter regexes are kept, so
+  resolving twice changes nothing.
+
+  Raises:
+    UserError: a regex that selects part of a component (LoRA narrows with
+      its targets instead) or a component LoRA cannot adapt.
+  """
+  if not isinstance(config.lora.rank, int) or config.lora.rank <= 0:
+    return
+  adapted = []
+  for pattern in config.trainable:
+    try:
+      regex = re.compile(pattern)
+    except re.error:
+      return  # validate() names the bad regex.
+    if "lora_" in pattern:
+      names = [c for c in LORA_COMPONENTS if pattern == _lora_pattern(c)]
+    else:
+      names = [c for c in LORA_COMPONENTS if regex.search(f"{c}.")]
+    if not names:
+      raise UserError(
+          f"config.trainable regex '{pattern}' selects part of a component, "
+          f"but with lora.rank={config.lora.rank} each regex names whole "
+          "components to adapt ('^unet\\.', '^text_encoder\\.'); choose the "
+          "adapted layers with config.lora.unet_targets / "
+          "text_encoder_targets, or set lora.rank=0")
+    adapted += [c for c in names if c not in adapted]
+  config.trainable = tuple(_lora_pattern(c) for c in LORA_COMPONENTS
+                           if c in adapted)
+
+
+def lora_targets(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """``{component: target regexes}`` of the components a resolved config adapts."""
+  if not isinstance(config.lora.rank, int) or config.lora.rank <= 0:
+    return {}
+  return {c: tuple(config.lora[f"{c}_targets"]) for c in LORA_COMPONENTS
+          if _lora_pattern(c) in config.trainable}
+
+
+def lora_alpha(config: ml_collections.ConfigDict) -> float:
+  """``lora.alpha``, or the rank when unset (scale 1)."""
+  alpha = config.lora.alpha
+  return float(config.lora.rank if alpha is None else alpha)
 
 
 def load_recipe(path: str | os.PathLike) -> types.ModuleType:
@@ -174,6 +269,7 @@ def resolve(config: ml_collections.ConfigDict, method: types.ModuleType
   resolve_switches = getattr(method, "resolve", None)  # optional
   if resolve_switches is not None:
     resolve_switches(config)
+  resolve_lora(config)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,
@@ -282,5 +378,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
     _fail("batch_size", config.batch_size,
           f"it must be a multiple of the {num_devices} devices (the batch is "
           "split across all of them)")
+  _validate_lora(config.lora)
   if method is not None:
     method.validate(config)
+
+
+def _validate_lora(lora_config: ml_collections.ConfigDict) -> None:
+  rank, alpha = lora_config.rank, lora_config.alpha
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    _fail("lora.rank", rank, "it must be 0 (off) or a positive rank")
+  if alpha is not None and not alpha > 0:
+    _fail("lora.alpha", alpha, "it must be a positive number (or unset: the "
+          "rank)")
+  if lora_config.init not in ("gaussian", "kaiming"):
+    _fail("lora.init", lora_config.init, "use one of gaussian, kaiming")
+  for key in ("unet_targets", "text_encoder_targets"):
+    patterns = tuple(lora_config[key])
+    if rank and key == "unet_targets" and not patterns:
+      _fail(f"lora.{key}", list(patterns), "list at least one regex over "
+            "linear layer names, e.g. '\\.to_q$'")
+    for pattern in patterns:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        _fail(f"lora.{key}", pattern, f"not a regular expression ({e})")

@@ -13,6 +13,7 @@ model's from the same seeds, each model headed by its scores), so the effect
 of the fine-tuning can be seen and read side by side.
 """
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -29,7 +30,7 @@ from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import rundir
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import checkpoint, presets
-from personalize_jax.pipeline import load_stable_diffusion
+from personalize_jax import pipeline as pipeline_lib
 
 FOLDER = "final_eval"
 MODELS = ("base", "finetuned")
@@ -84,9 +85,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path,
   generated = {}
   for name in MODELS:
     # One pipeline at a time: on an accelerator only one is resident.
-    pipeline = load_stable_diffusion(
-        sources[name], attention_impl=config.model.attention_impl,
-        seed=config.seed)
+    # A LoRA run's export is the base with the adapters fused.
+    load = (pipeline_lib.load_stable_diffusion if name == "base" else
+            functools.partial(pipeline_lib.load_export,
+                              base=config.model.pretrained))
+    pipeline = load(sources[name], attention_impl=config.model.attention_impl,
+                    seed=config.seed)
     images = diffusion.generate(
         pipeline, [p for p in prompts for _ in range(fe.num_images_per_prompt)],
         seed=fe.seed, num_inference_steps=fe.num_inference_steps,

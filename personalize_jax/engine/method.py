@@ -14,9 +14,10 @@ functions, and ``main`` hands the module to the engine:
                       ``config.trainable`` regexes.
 
 The engine trains the parameters of ``Method.trainable`` that
-``config.trainable`` names; a component with no such parameter moves to the
-frozen side and never enters the optimizer state. The loss therefore reads a
-component with ``module(name, params, frozen)`` wherever it lives.
+``config.trainable`` names; the other leaves of such a component, and a
+component with no such parameter, move to the frozen side and never enter the
+optimizer state. The loss therefore reads a component with
+``graphs(name, params, frozen)`` wherever its leaves live.
 """
 
 import dataclasses
@@ -102,10 +103,13 @@ class Method:
 
 
 def state_of(name: str, params, frozen):
-  """A component's (traced) state, whether it trains or not."""
-  if name in params:
-    return params[name]
-  return frozen["modules"][name]
+  """A component's whole (traced) state: its trained leaves and frozen ones.
+
+  A component may be split: only some leaves train (LoRA adapters, Custom
+  Diffusion's K/V) and the rest travels with the frozen modules.
+  """
+  parts = [part[name] for part in (params, frozen["modules"]) if name in part]
+  return parts[0] if len(parts) == 1 else nnx.merge_state(*parts)
 
 
 class Graphs:

@@ -9,7 +9,7 @@ optimizer state.
 """
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,11 @@ def param_names(params: Mapping[str, nnx.State]) -> Any:
           for c, s in params.items()}
 
 
-def trainable_labels(params: Mapping[str, nnx.State],
-                     patterns: Sequence[str],
-                     extra: Mapping[str, Sequence[str]] | None = None) -> Any:
-  """A label per leaf: the first of ``extra``'s labels whose regexes match,
-  else ``"train"`` when a ``patterns`` regex searches its name, else ``"freeze"``.
+def labeler(patterns: Sequence[str],
+            extra: Mapping[str, Sequence[str]] | None = None
+            ) -> Callable[[str], str]:
+  """``name -> label``: the first of ``extra``'s labels whose regexes match,
+  else ``"train"`` when a ``patterns`` regex searches the name, else ``"freeze"``.
   """
   compiled = [re.compile(p) for p in patterns]
   groups = [(label, [re.compile(p) for p in regexes])
@@ -52,7 +52,14 @@ def trainable_labels(params: Mapping[str, nnx.State],
         return group
     return TRAIN if any(p.search(name) for p in compiled) else FREEZE
 
-  return jax.tree.map(label, param_names(params))
+  return label
+
+
+def trainable_labels(params: Mapping[str, nnx.State],
+                     patterns: Sequence[str],
+                     extra: Mapping[str, Sequence[str]] | None = None) -> Any:
+  """A label per leaf of ``params`` (see ``labeler``)."""
+  return jax.tree.map(labeler(patterns, extra), param_names(params))
 
 
 def mask_rows(params: Mapping[str, nnx.State],

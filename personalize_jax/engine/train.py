@@ -32,6 +32,8 @@ from personalize_jax.engine import optim, rundir, sharding, state as state_lib
 from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
 from personalize_jax.models import checkpoint
+from personalize_jax.models import lora as lora_lib
+from personalize_jax.models import lora_files
 from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.pipeline import load_stable_diffusion
 
@@ -154,10 +156,27 @@ def check_trainable(config, components) -> None:
   Raises:
     UserError: naming the first regex that matches no parameter.
   """
-  states = {name: nnx.state(pipeline_lib.abstract_component(
-      config.model.pretrained, name)) for name in components}
+  states = {}
+  for name in components:
+    module = pipeline_lib.abstract_component(config.model.pretrained, name)
+    states[name] = nnx.state(add_lora(config, name, module))
   _check_patterns(config, jax.tree.leaves(optim.param_names(states)),
                   sorted(states))
+
+
+def add_lora(config, name: str, module: nnx.Module) -> nnx.Module:
+  """Adds ``config.lora``'s adapters to component ``name`` when it is adapted.
+
+  Concrete or abstract (``nnx.eval_shape``) modules alike; the others are
+  returned unchanged. A target regex that matches no layer is a ``UserError``.
+  """
+  targets = config_lib.lora_targets(config).get(name)
+  if targets and not lora_lib.has_adapters(module):
+    lora_lib.add_adapters(module, targets, rank=config.lora.rank,
+                          alpha=config_lib.lora_alpha(config),
+                          init=config.lora.init, seed=config.seed,
+                          component=name)
+  return module
 
 
 def _check_patterns(config, names: list[str], components) -> None:
@@ -217,6 +236,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
         config.model.pretrained, dtype=dtype,
         attention_impl=config.model.attention_impl, remat=config.model.remat,
         seed=config.seed)
+  for name in config_lib.lora_targets(config):
+    add_lora(config, name, getattr(pipeline, name))
   # ------------------------------------------------------------------ data
   ctx = Context(config=config, workdir=workdir, pipeline=pipeline,
                 mesh=host_mesh)
@@ -226,13 +247,10 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
   # Evaluations run where the step runs.
   ctx.mesh = mesh
   # ---------------------------------------------------------------- shapes
-  params, trainable = split_trainable(config, method)
-  modules = {**method.trainable, **method.frozen}
-  frozen_states = {name: nnx.state(ctx.step_module(name, module))
-                   for name, module in modules.items() if name not in params}
-  if step_module is not None:
-    params = {name: nnx.state(ctx.step_module(name, module))
-              for name, module in trainable.items()}
+  params, frozen_states = split_trainable(config, method, ctx.step_module)
+  trainable = {name: method.trainable[name] for name in params}
+  for name, module in method.frozen.items():
+    frozen_states[name] = nnx.state(ctx.step_module(name, module))
   tx, schedule, labels = optim.make_optimizer(
       config, params, extra=method.extra_optimizers,
       row_masks=method.row_masks)
@@ -453,38 +471,57 @@ class Best:
         {"step": self.step, self.name: self.value}) + "\n")
 
 
-def split_trainable(config, method: Method) -> tuple[dict, dict]:
-  """The states of the method's modules that ``config.trainable`` names.
+def split_trainable(config, method: Method,
+                    step_module: Callable[[str, nnx.Module], nnx.Module]
+                    = lambda name, module: module) -> tuple[dict, dict]:
+  """Splits the method's trainable modules into trained and frozen leaves.
 
-  Returns ``(params, modules)``: ``{name: state}`` of every component with at
-  least one trainable leaf (by ``config.trainable`` or one of the method's own
-  optimizers), and those components' modules. A component without one stays
-  frozen: it is never in the optimizer state.
+  Returns ``(params, frozen)``: ``{name: state}`` of the leaves that train
+  (by ``config.trainable`` or one of the method's own optimizers), for every
+  component with at least one, and ``{name: state}`` of all other leaves of
+  those modules (a component with no trained leaf is frozen whole). Frozen
+  leaves never enter the optimizer state and travel with the frozen modules:
+  with LoRA the base weights are frozen, the adapters alone are ``params``.
+
+  Args:
+    config: the resolved config.
+    method: the method value.
+    step_module: see ``Context.step_module``; the states are its modules'.
 
   Raises:
     UserError: a ``config.trainable`` regex names no parameter of the
       components the method can train.
   """
-  states = {name: nnx.state(module)
+  states = {name: nnx.state(step_module(name, module))
             for name, module in method.trainable.items()}
   _check_patterns(config, jax.tree.leaves(optim.param_names(states)),
                   sorted(states))
-  labels = optim.trainable_labels(
-      states, config.trainable,
-      {k: v[0] for k, v in method.extra_optimizers.items()})
-  params = {name: state for name, state in states.items()
-            if any(label != optim.FREEZE
-                   for label in jax.tree.leaves(labels[name]))}
-  return params, {name: method.trainable[name] for name in params}
+  label = optim.labeler(config.trainable,
+                        {k: v[0] for k, v in method.extra_optimizers.items()})
+  params, frozen = {}, {}
+  for name, state in states.items():
+    trains = lambda path, _, name=name: label(
+        f"{name}.{checkpoint.torch_key(path)}") != optim.FREEZE
+    trained, rest = nnx.split_state(state, trains, ...)
+    if jax.tree.leaves(trained):
+      params[name] = trained
+    if jax.tree.leaves(rest):
+      frozen[name] = rest
+  return params, frozen
 
 
 def with_params(pipeline, params) -> Any:
-  """A shallow copy of ``pipeline`` whose trained modules use ``params``."""
+  """A shallow copy of ``pipeline`` whose trained leaves are ``params``.
+
+  The frozen leaves of a partly trained component are the pipeline's own
+  (full precision, never the bf16 copies the step computes with).
+  """
   replaced = {}
   for name in ("unet", "text_encoder", "vae"):
     if name in params:
-      graphdef = nnx.graphdef(getattr(pipeline, name))
-      replaced[name] = nnx.merge(graphdef, params[name])
+      graphdef, state = nnx.split(getattr(pipeline, name))
+      replaced[name] = nnx.merge(graphdef,
+                                 nnx.merge_state(state, params[name]))
   return dataclasses.replace(pipeline, **replaced)
 
 
@@ -511,8 +548,36 @@ def evaluate(config, mesh: Mesh, method: Method, pipeline, params, step: int,
   return method.evaluate(step, current)
 
 
+def write_export(pipeline, folder: Path, config) -> None:
+  """The fine-tuned model in diffusers' formats.
+
+  Full fine-tuning writes the whole pipeline. A LoRA run writes
+  ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights``
+  does (``unet.<module>.lora_A.weight``, ``text_encoder.<module>...``, the
+  scale alpha/rank folded into ``lora_B``), which
+  ``StableDiffusionPipeline.load_lora_weights`` reads; with
+  ``lora.export_fused`` the pipeline with the adapters merged is written
+  beside it.
+  """
+  adapted = config_lib.lora_targets(config)
+  if not adapted:
+    pipeline.save_pretrained(folder)
+    return
+  tensors = {}
+  for name in adapted:
+    # diffusers writes text-encoder LoRAs without transformers' tower prefix.
+    tensors.update(lora_lib.adapter_tensors(
+        getattr(pipeline, name), prefix=f"{name}.",
+        strip="text_model." if name == "text_encoder" else ""))
+  checkpoint.write_safetensors(folder / lora_files.LORA_WEIGHTS_NAME, tensors)
+  if config.lora.export_fused:
+    dataclasses.replace(pipeline, **{
+        name: lora_lib.fused(getattr(pipeline, name)) for name in adapted
+    }).save_pretrained(folder)
+
+
 def export(mesh: Mesh, pipeline, params, workdir: Path, config) -> Path:
-  """Writes the fine-tuned pipeline (diffusers layout) to ``<workdir>/export``.
+  """Writes the fine-tuned model (diffusers formats) to ``<workdir>/export``.
 
   Written into a temporary folder that then replaces ``export/``: a run
   killed while exporting leaves the previous export whole, never a new
@@ -526,7 +591,7 @@ def export(mesh: Mesh, pipeline, params, workdir: Path, config) -> Path:
   if is_chief():
     staging, old = workdir / ".export.tmp", workdir / ".export.old"
     shutil.rmtree(staging, ignore_errors=True)
-    with_params(pipeline, params).save_pretrained(staging)
+    write_export(with_params(pipeline, params), staging, config)
     # Not config.json: that name belongs to the components in diffusers
     # layouts.
     rundir.atomic_write_text(staging / "train_config.json",

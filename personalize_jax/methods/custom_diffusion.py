@@ -97,8 +97,19 @@ def only_rows(state: nnx.State, component: str, name: str,
   return jax.tree.map(cut, names, state)
 
 
+def refuse_lora(config: ml_collections.ConfigDict) -> None:
+  """Custom Diffusion trains a small subset already: no adapters on top."""
+  if config.lora.rank:
+    raise UserError(
+        f"config.lora.rank={config.lora.rank!r} is invalid for Custom "
+        "Diffusion: it already trains only the cross-attention K/V (and the "
+        "new token), so set lora.rank=0, or train LoRA with the DreamBooth, "
+        "RPO or Look Forward (DreamBooth) recipes")
+
+
 def resolve(config: ml_collections.ConfigDict) -> None:
   """Without a modifier token the token table has nothing to train."""
+  refuse_lora(config)
   if not config.custom_diffusion.modifier_token:
     config.trainable = tuple(p for p in config.trainable if p != TRAINABLE[1])
 
@@ -119,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   initializer is one token and the modifier token is new.
   """
   dreambooth.validate(config)
+  refuse_lora(config)
   token = config.custom_diffusion.modifier_token
   if not token:
     return

@@ -15,7 +15,8 @@ resumed run draws the same labels). The U-Net minimises
 
 where ``e`` is a U-Net's per-sample denoising error at a random timestep and
 ``e_base`` comes from a frozen copy of the starting U-Net (the implicit
-reward of Diffusion-DPO). Validation images of held-out prompts are scored by
+reward of Diffusion-DPO); with LoRA it is the trained U-Net with its adapters
+switched off, and no copy exists. Validation images of held-out prompts are scored by
 the lambda-Harmonic reward; the engine exports the best-scoring step.
 
 Details, and where the public code (github.com/andrew-miao/RPO) differs:
@@ -38,6 +39,7 @@ Details, and where the public code (github.com/andrew-miao/RPO) differs:
 import dataclasses
 import hashlib
 import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +51,10 @@ from flax import nnx
 from personalize_jax import diffusion, rewards
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import distributed, rundir
-from personalize_jax.engine.method import Context, Graphs, Method
+from personalize_jax.engine.method import Context, Graphs, Method, state_of
 from personalize_jax.errors import UserError
 from personalize_jax.methods import common
+from personalize_jax.models import lora
 
 # The pipeline components config.trainable may name.
 COMPONENTS = ("unet",)
@@ -329,13 +332,31 @@ def _noise(schedule, rng, shape, shared: bool):
   return noise, t
 
 
+def base_model(graphs: Graphs, unet: nnx.Module
+               ) -> Callable[[Any, Any], nnx.Module]:
+  """``(params, frozen) -> the frozen base U-Net`` the preference loss uses.
+
+  With LoRA the base is the trained U-Net with its adapters switched off
+  (``lora_B`` zero), so no second copy of the weights exists; otherwise it is
+  the ``base_unet`` copy ``build`` hands the engine.
+  """
+  if lora.has_adapters(unet):
+    return lambda params, frozen: graphs.merge(
+        "unet", lora.disabled(state_of("unet", params, frozen)))
+  return lambda params, frozen: graphs("base_unet", params, frozen)
+
+
 def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
-            params, frozen, batch, rng):
-  """``L_sim + L_pre`` of a batch of (reference, generated) pairs."""
+            base: Callable[[Any, Any], nnx.Module], params, frozen, batch,
+            rng):
+  """``L_sim + L_pre`` of a batch of (reference, generated) pairs.
+
+  ``base`` builds the frozen base U-Net (see ``base_model``).
+  """
   r = config.rpo
   schedule = data.schedule
   unet = graphs("unet", params, frozen)
-  base_unet = graphs("base_unet", params, frozen)
+  base_unet = base(params, frozen)
   emb = frozen["constants"]["emb"]
   bs = batch["ref_mean"].shape[0]
   latent_rng, pair_rng, sim_rng = jax.random.split(rng, 3)
@@ -411,16 +432,19 @@ def build(ctx: Context) -> Method:
   clip = rewards.Embedder.clip(config.rpo.reward_model, chunk=8)
   data, ref_clip = prepare(ctx, clip)
   unet = ctx.pipeline.unet
-  # A host copy: the trained U-Net's buffers are donated every step, so the
-  # frozen base must not share them.
-  graphdef, state = nnx.split(unet)
-  base_unet = nnx.merge(graphdef, jax.tree.map(np.array, state))
-  graphs = ctx.graphs({"unet": unet, "base_unet": base_unet})
+  frozen = {}
+  if not lora.has_adapters(unet):
+    # A host copy: the trained U-Net's buffers are donated every step, so
+    # the frozen base must not share them.
+    graphdef, state = nnx.split(unet)
+    frozen["base_unet"] = nnx.merge(graphdef, jax.tree.map(np.array, state))
+  graphs = ctx.graphs({"unet": unet, **frozen})
+  base = base_model(graphs, unet)
   return Method(
-      trainable={"unet": unet}, frozen={"base_unet": base_unet},
+      trainable={"unet": unet}, frozen=frozen,
       constants={"emb": data.emb},
-      loss_fn=lambda params, frozen, batch, rng: loss_fn(
-          config, graphs, data, params, frozen, batch, rng),
+      loss_fn=lambda params, frozen_, batch, rng: loss_fn(
+          config, graphs, data, base, params, frozen_, batch, rng),
       batch=lambda step: make_batch(config, data, step),
       evaluate=validation(ctx, clip, ref_clip),
       best_metric=("val/harmonic", "max"))

@@ -130,6 +130,8 @@ def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
   try:
     with open(path, "rb") as f:
       (header_len,) = struct.unpack("<Q", f.read(8))
+      if header_len > os.path.getsize(path) - 8:
+        raise struct.error(f"a header of {header_len} bytes does not fit")
       header = json.loads(f.read(header_len))
       data = memoryview(f.read())
   except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -30,12 +30,36 @@ def _meta(axes: Sequence[str | None]) -> dict:
   return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
+class Linear(nnx.Linear):
+  """``nnx.Linear`` that may carry a low-rank adapter (LoRA).
+
+  Without one it is ``nnx.Linear``. ``models.lora.add_adapters`` sets
+  ``lora_A`` (``in -> rank``) and ``lora_B`` (``rank -> out``), named as PEFT
+  names them, so their PyTorch keys are ``<module>.lora_A.weight`` and
+  ``<module>.lora_B.weight``; the output is then
+  ``W x + b + lora_scale * B(A(x))`` (``lora_scale`` is alpha / rank).
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.lora_A = nnx.data(None)
+    self.lora_B = nnx.data(None)
+    self.lora_scale = 1.0
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = super().__call__(x)
+    if self.lora_A is None:
+      return y
+    delta = self.lora_B(self.lora_A(x))
+    return y + (delta * self.lora_scale).astype(y.dtype)
+
+
 def linear(in_features: int, out_features: int, *, use_bias: bool = True,
            dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
            axes: tuple[str | None, str | None] = ("embed", "mlp"),
-           rngs: nnx.Rngs) -> nnx.Linear:
+           rngs: nnx.Rngs) -> Linear:
   """A dense layer whose kernel is ``(in, out)`` with logical axes ``axes``."""
-  return nnx.Linear(
+  return Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype,
       param_dtype=param_dtype, kernel_metadata=_meta(axes),
       bias_metadata=_meta(axes[1:]), rngs=rngs)

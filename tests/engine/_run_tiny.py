@@ -8,11 +8,13 @@ script::
       "overrides": {"mesh.data": 2, "mesh.fsdp": 4, "num_steps": 3}}]'
 
 Each job runs ``train_and_evaluate`` on ``configs/dreambooth_tpu.py:tiny``
-with dotted-key ``overrides``. Optional job keys: ``dump_steps`` writes the
+with dotted-key ``overrides``. Optional job keys: ``variant`` (default
+``tiny``; e.g. ``tiny,lora``), ``dump_steps`` writes the
 train state's parameters after those steps to ``<workdir>/params_step<N>.npz``
 (keyed by their tree paths). The last stdout line is
-JSON: the device count and, per job, the steps done, what stopped it, and the
-fractions of parameter and train-state bytes that the engine sharded.
+JSON: the device count and, per job, the steps done, what stopped it, the
+fractions of parameter and train-state bytes that the engine sharded, the
+trained parameters' names, and the bytes of parameters and optimizer state.
 """
 
 import argparse
@@ -24,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_config(overrides: dict):
-  """``configs/dreambooth_tpu.py:tiny`` with dotted-key ``overrides``."""
+def tiny_config(overrides: dict, variant: str = "tiny"):
+  """``configs/dreambooth_tpu.py:<variant>`` with dotted-key ``overrides``."""
   sys.path.insert(0, str(REPO / "tests"))
   import recipes  # pylint: disable=g-import-not-at-top
-  return recipes.load("dreambooth_tpu", "tiny", **overrides)
+  return recipes.load("dreambooth_tpu", variant, **overrides)
 
 
 def main() -> None:
@@ -65,6 +67,12 @@ def main() -> None:
         sum(x.nbytes for x in arrays
             if any(axis is not None for axis in x.sharding.spec))
         / sum(x.nbytes for x in arrays))
+    record["param_names"] = sorted(
+        jax.tree_util.keystr(path) for path, _
+        in jax.tree_util.tree_leaves_with_path(state.params))
+    record["param_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    record["opt_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)
+                              if x.ndim)
     return state
 
   def dumping_make_train_step(*a, **k):
@@ -88,8 +96,9 @@ def main() -> None:
     record.clear()
     job.clear()
     job.update(spec)
-    summary = train.train_and_evaluate(tiny_config(job["overrides"]),
-                                       job["workdir"], dreambooth)
+    summary = train.train_and_evaluate(
+        tiny_config(job["overrides"], job.get("variant", "tiny")),
+        job["workdir"], dreambooth)
     runs.append({"steps": summary.steps, "stopped_by": summary.stopped_by,
                  **record})
   print(json.dumps({"devices": jax.device_count(), "runs": runs}))

@@ -75,6 +75,10 @@ def test_every_base_field_has_a_comment():
     ("eval.guidance_scale", -1.0),
     ("eval.prompts", []),
     ("data.min_image_side", 0),
+    ("lora.rank", -1),
+    ("lora.alpha", 0.0),
+    ("lora.init", "zeros"),
+    ("lora.unet_targets", ["to_q("]),
 ])
 def test_bad_values_raise_one_line_naming_the_key(key, value):
   with pytest.raises(UserError) as error:
@@ -119,3 +123,64 @@ def test_recipes_resolve_and_validate_with_their_method(recipe):
   config_lib.validate(config, 1, method)
   assert isinstance(config.trainable, tuple)
 
+
+
+# ------------------------------------------------------------------- LoRA
+
+def _resolved(recipe="dreambooth_tpu", variant="tiny,lora", **overrides):
+  config = recipes.load(recipe, variant, **overrides)
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  config_lib.validate(config, 1, method)
+  return config
+
+
+def test_variants_combine_in_one_argument():
+  config = recipes.load("dreambooth_tpu", "tiny,lora")
+  assert config.model.pretrained == "tiny" and config.lora.rank == 4
+  assert config.learning_rate == 1e-4
+  assert recipes.load("rpo_tpu", "lora").lora.rank == 32
+  assert recipes.load("dreambooth_tpu", "tiny").lora.rank == 0
+  with pytest.raises(ValueError, match="unknown variant 'lora'"):
+    recipes.load("custom_diffusion_tpu", "tiny,lora")
+
+
+@pytest.mark.parametrize("train_text_encoder, components", [
+    (None, ("unet",)), (False, ("unet",)), (True, ("unet", "text_encoder"))])
+def test_lora_resolves_trainable_to_the_adapters_of_trained_components(
+    train_text_encoder, components):
+  config = _resolved(**{"dreambooth.train_text_encoder": train_text_encoder})
+  assert config.trainable == tuple(
+      rf"^{c}\..*\.lora_[AB]\.weight$" for c in components)
+  assert tuple(config_lib.lora_targets(config)) == components
+  # Resolving again changes nothing (a resumed run resolves its config too).
+  again = config.copy_and_resolve_references()
+  config_lib.resolve(again, methods.get(config.method))
+  assert again.trainable == config.trainable
+
+
+def test_full_fine_tuning_adapts_nothing():
+  config = _resolved(variant="tiny")
+  assert config_lib.lora_targets(config) == {}
+  assert config.trainable == (r"^unet\.",)
+
+
+def test_lora_alpha_defaults_to_the_rank():
+  assert config_lib.lora_alpha(_resolved()) == 4.0
+  assert config_lib.lora_alpha(_resolved(**{"lora.alpha": 16.0})) == 16.0
+
+
+def test_lora_with_a_regex_for_part_of_a_component_is_a_one_line_error():
+  with pytest.raises(UserError) as error:
+    _resolved(trainable=(r"^unet\.down_blocks\.",))
+  assert "'^unet\\.down_blocks\\.' selects part of a component" in str(
+      error.value)
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("recipe", ["custom_diffusion_tpu",
+                                    "lookforward_custom_diffusion_tpu"])
+def test_custom_diffusion_refuses_lora(recipe):
+  with pytest.raises(UserError, match=r"^config\.lora\.rank=4 is invalid for "
+                     "Custom Diffusion"):
+    _resolved(recipe, "tiny", **{"lora.rank": 4})

@@ -47,6 +47,14 @@ BASE = {
 }
 MESHES = {"data8": {"mesh.data": 8, "mesh.fsdp": 1},
           "fsdp4": {"mesh.data": 2, "mesh.fsdp": 4}}
+# LoRA on the U-Net and the text encoder, the fused pipeline exported beside
+# the adapters; rank 4, alpha 8 (scale 2, so a forgotten scale shows). A
+# larger learning rate: 3 steps must move the model well past the tolerance
+# of the comparisons with diffusers.
+LORA_LEARNING_RATE = 3e-3
+LORA = {**BASE, "trainable": [r"^unet\."], "learning_rate": LORA_LEARNING_RATE,
+        "dreambooth.train_text_encoder": True, "lora.alpha": 8.0,
+        "lora.export_fused": True}
 # Adam's first steps are +-lr wherever |grad| >> eps, so a gradient that
 # differs in its last bits (another reduction order) moves some components
 # whose gradient is near eps by a fraction of lr; the model as a whole agrees
@@ -88,15 +96,21 @@ def runs(tmp_path_factory):
   """
   tmp = tmp_path_factory.mktemp("train")
   cache = tmp / "compilation_cache"
-  w = types.SimpleNamespace(straight=tmp / "straight",
+  w = types.SimpleNamespace(straight=tmp / "straight", lora=tmp / "lora",
+                            lora_fsdp4=tmp / "lora_fsdp4",
                             **{name: tmp / name for name in MESHES})
+  lora = {"variant": "tiny,lora", "dump_steps": [1, 3]}
   sharded = _start(8, [
       {"workdir": str(getattr(w, name)), "dump_steps": [1, 3],
        "overrides": {**BASE, **mesh, "num_steps": 3}}
-      for name, mesh in MESHES.items()], cache)
-  (w.straight_run,) = _finish(_start(1, [
+      for name, mesh in MESHES.items()] + [
+          {"workdir": str(w.lora_fsdp4), **lora,
+           "overrides": {**LORA, **MESHES["fsdp4"], "num_steps": 3}}], cache)
+  w.straight_run, w.lora_run = _finish(_start(1, [
       {"workdir": str(w.straight), "overrides": {**BASE, "num_steps": 3},
-       "dump_steps": [1, 3]}], cache))["runs"]
+       "dump_steps": [1, 3]},
+      {"workdir": str(w.lora), **lora,
+       "overrides": {**LORA, "num_steps": 3}}], cache))["runs"]
   w.sharded = _finish(sharded)
   return w
 
@@ -135,7 +149,7 @@ def test_the_mesh_comparison_can_tell_steps_apart(runs):
 
 def test_fsdp_shards_most_parameter_and_optimizer_bytes(runs):
   assert runs.sharded["devices"] == 8
-  data8, fsdp4 = runs.sharded["runs"]
+  data8, fsdp4, _ = runs.sharded["runs"]
   assert data8["steps"] == fsdp4["steps"] == 3
   assert data8["params_fraction"] == 0 and data8["state_fraction"] == 0
   assert fsdp4["params_fraction"] > 0.5
@@ -212,3 +226,106 @@ def test_run_directory_holds_config_metrics_events_and_samples(runs):
     pixels = np.asarray(image.convert("RGB"))
   assert pixels.shape[1] == 2 * 64 and pixels.shape[0] > 64  # 2 prompts
   assert pixels[:64].std() > 0  # an image, not a blank tile
+
+
+# ------------------------------------------------------------------- LoRA
+
+def _lora_file(workdir: Path) -> dict[str, np.ndarray]:
+  return checkpoint.read_safetensors_file(
+      workdir / "export" / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_lora_on_8_devices_with_fsdp_matches_one_device(runs, steps):
+  reference = _tensors(runs.lora / f"params_step{steps}.npz")
+  ours = _tensors(runs.lora_fsdp4 / f"params_step{steps}.npz")
+  assert _relative_error(ours, reference) < RELATIVE_TOLERANCE
+  worst = max(reference, key=lambda k: np.abs(ours[k] - reference[k]).max())
+  assert (np.abs(ours[worst] - reference[worst]).max()
+          < 0.5 * LORA_LEARNING_RATE), worst
+  if steps == 3:  # the adapters did move
+    assert _relative_error(_tensors(runs.lora / "params_step1.npz"),
+                           reference) > 100 * RELATIVE_TOLERANCE
+
+
+def test_lora_trains_only_the_adapters(runs):
+  for run in (runs.lora_run, runs.sharded["runs"][2]):
+    names = run["param_names"]
+    assert all(re.search(r"\['lora_[AB]'\]\['kernel'\]", n) for n in names)
+    assert {n[2:n.index("'", 2)] for n in names} == {"unet", "text_encoder"}
+    # Adam's two moments of each adapter leaf; nothing for the frozen base.
+    assert run["opt_bytes"] == 2 * run["param_bytes"]
+  full = runs.straight_run
+  assert not any("lora" in n for n in full["param_names"])
+  assert runs.lora_run["param_bytes"] < full["param_bytes"] / 10
+
+
+def test_lora_fused_export_moves_exactly_the_adapted_weights(runs):
+  from personalize_jax.pipeline import load_stable_diffusion  # pylint: disable=g-import-not-at-top
+  base = load_stable_diffusion("tiny", seed=0)
+  adapters = _lora_file(runs.lora)
+  export = runs.lora / "export"
+  for name, folder, weights, strip in (
+      ("unet", "unet", UNET_FILE, ""),
+      ("text_encoder", "text_encoder", "model.safetensors", "text_model.")):
+    before = checkpoint.module_tensors(getattr(base, name))
+    after = _tensors(export / folder / weights)
+    if strip:  # transformers 5 layout, as diffusers saves it
+      after = {f"{strip}{k}" if not k.startswith(strip) else k: v
+               for k, v in after.items()}
+    assert before.keys() == after.keys()
+    adapted = 0
+    for key, value in before.items():
+      module = key[len(strip):-len(".weight")] if key.endswith(".weight") \
+          else None
+      down = adapters.get(f"{name}.{module}.lora_A.weight")
+      if down is None:
+        assert np.array_equal(after[key], value), key
+        continue
+      up = adapters[f"{name}.{module}.lora_B.weight"]
+      np.testing.assert_allclose(after[key], value + up @ down, rtol=1e-5,
+                                 atol=1e-6, err_msg=key)
+      assert not np.array_equal(after[key], value), key
+      adapted += 1
+    assert adapted == len([k for k in adapters if k.startswith(name + ".")]) // 2
+    assert adapted > 0
+  vae = _tensors(export / "vae" / UNET_FILE)
+  for key, value in checkpoint.module_tensors(base.vae).items():
+    assert np.array_equal(vae[key], value), key
+
+
+def test_lora_export_loads_in_diffusers_and_computes_ours(runs, tmp_path):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from personalize_jax.pipeline import load_stable_diffusion  # pylint: disable=g-import-not-at-top
+  load_stable_diffusion("tiny", seed=0).save_pretrained(tmp_path / "base")
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+  pipe.load_lora_weights(runs.lora / "export")
+  # Ours: the fused export, which equals the adapters (previous test).
+  ours = load_stable_diffusion(runs.lora / "export")
+  rng = np.random.default_rng(0)
+  x_bhwc = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  context = rng.standard_normal((2, 77, 32)).astype(np.float32)
+  t = np.asarray([10, 700])
+  ids = np.asarray(pipe.tokenizer(["a photo of sks mug"], padding="max_length",
+                                  max_length=77).input_ids)
+  with torch.no_grad():
+    theirs = pipe.unet(torch.from_numpy(x_bhwc).permute(0, 3, 1, 2),
+                       torch.from_numpy(t), torch.from_numpy(context)
+                       ).sample.permute(0, 2, 3, 1).numpy()
+    theirs_text = pipe.text_encoder(torch.from_numpy(ids))[0].numpy()
+  graphdef, state = nnx.split(ours.unet)
+  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+  mine = np.asarray(forward.lower(state, x_bhwc, t, context).compile(
+      FAST_COMPILE)(state, x_bhwc, t, context))
+  assert np.abs(mine - theirs).max() / np.abs(theirs).max() < 1e-4
+  mine_text = np.asarray(ours.text_encoder(ids))
+  assert (np.abs(mine_text - theirs_text).max()
+          / np.abs(theirs_text).max() < 1e-4)
+  # The LoRA matters: without it diffusers computes something else.
+  pipe.unload_lora_weights()
+  with torch.no_grad():
+    plain = pipe.unet(torch.from_numpy(x_bhwc).permute(0, 3, 1, 2),
+                      torch.from_numpy(t), torch.from_numpy(context)
+                      ).sample.permute(0, 2, 3, 1).numpy()
+  assert np.abs(plain - theirs).max() / np.abs(theirs).max() > 1e-2

@@ -17,14 +17,17 @@ def context(config, workdir, pipeline, mesh=None) -> Context:
 def build(module, config, workdir, pipeline):
   """``(method, params, frozen)``: the method value and the step's inputs.
 
-  ``config`` is resolved first (as ``train_and_evaluate`` does); ``params``
-  and ``frozen`` are split the engine's way (host arrays, not placed).
+  ``config`` is resolved first and the pipeline gets its LoRA adapters (as
+  ``train_and_evaluate`` does); ``params`` and ``frozen`` are split the
+  engine's way (host arrays, not placed).
   """
   config_lib.resolve(config, module)
+  for name in config_lib.lora_targets(config):
+    train.add_lora(config, name, getattr(pipeline, name))
   method = module.build(context(config, workdir, pipeline))
-  params, _ = train.split_trainable(config, method)
-  modules = {**method.trainable, **method.frozen}
-  frozen = {"modules": {name: nnx.state(m) for name, m in modules.items()
-                        if name not in params},
+  params, frozen_parts = train.split_trainable(config, method)
+  frozen = {"modules": {**frozen_parts,
+                        **{name: nnx.state(m)
+                           for name, m in method.frozen.items()}},
             "constants": dict(method.constants)}
   return method, params, frozen

@@ -19,9 +19,14 @@ from personalize_jax import diffusion, rewards
 from personalize_jax.errors import UserError
 from personalize_jax.engine.method import Graphs
 from personalize_jax.methods import common, rpo
+from personalize_jax.models import checkpoint as checkpoint_lib
 from personalize_jax.models.unet import UNet2DConditionModel
+from personalize_jax.pipeline import load_stable_diffusion
 
 import recipes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "rpo_tpu.py"
@@ -47,7 +52,8 @@ def _loss(config, unet, base_unet):
   """RPO's loss on these denoisers: ``loss(params, frozen, batch, rng)``."""
   graphs = Graphs({"unet": unet, "base_unet": base_unet})
   data = _data()
-  return lambda *args: rpo.loss_fn(config, graphs, data, *args)
+  base = rpo.base_model(graphs, unet)
+  return lambda *args: rpo.loss_fn(config, graphs, data, base, *args)
 
 
 def _np_loss(e, y, beta):
@@ -320,6 +326,33 @@ def test_bad_rpo_value_is_a_one_line_user_error():
   c.rpo.ref_prompt = "both"
   with pytest.raises(UserError, match=r"config\.rpo\.ref_prompt='both'"):
     rpo.validate(c)
+
+
+# ------------------------------------------------------------------- LoRA
+
+def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
+    tmp_path):
+  """B = 0: the adapted U-Net is the base, and the base is that same U-Net."""
+  losses, trees = {}, {}
+  for variant in ("tiny", "tiny,lora"):
+    method, params, frozen = helpers.build(
+        rpo, _config(variant), tmp_path, load_stable_diffusion("tiny"))
+    losses[variant], _ = jax.jit(method.loss_fn)(
+        params, frozen, method.batch(0), jax.random.key(0))
+    trees[variant] = (params, frozen)
+  np.testing.assert_allclose(losses["tiny,lora"], losses["tiny"], rtol=1e-6)
+  full_params, full_frozen = trees["tiny"]
+  assert set(full_frozen["modules"]) == {"base_unet"}
+  params, frozen = trees["tiny,lora"]
+  assert set(params) == set(frozen["modules"]) == {"unet"}
+  names = lambda state: {checkpoint_lib.torch_key(path)
+                         for path, _ in nnx.to_flat_state(state)}
+  adapters, base = names(params["unet"]), names(frozen["modules"]["unet"])
+  assert adapters and all(".lora_" in n for n in adapters)
+  # Every base weight exactly once, all of them frozen: no second U-Net.
+  assert base == names(full_params["unet"])
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert size(frozen["modules"]) == size(full_params["unet"])
 
 
 # ------------------------------------------------------- tiny run via the CLI

@@ -17,6 +17,8 @@ from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.unet import (UNet2DConditionConfig,
                                          UNet2DConditionModel)
 
+import torch_reference
+
 # Parameters of the published U-Nets (presets.PUBLISHED holds their configs).
 PUBLISHED_PARAMS = {
     "CompVis/stable-diffusion-v1-4": 859_520_964,
@@ -51,18 +53,6 @@ SD2_TINY = dict(
 CASES = {"sd1": (SD1_TINY, 8, 999, True),
          "sd2": (SD2_TINY, 10, [10.5, 700.0], False)}
 
-# XLA's CPU backend spends most of these tests compiling; its optimisation
-# passes and fusion emitters do not pay off for tensors this small (this
-# roughly halves the compile time).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True,
-                 "xla_cpu_use_fusion_emitters": False}
-
-
-def _rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
 
 def _torch_unet(config, seed=0):
   torch.manual_seed(seed)
@@ -84,7 +74,7 @@ def _torch_forward(model, x_bhwc, t, context):
 def _forward(model, x, t, context):
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args),
-               compiler_options=_FAST_COMPILE)
+               compiler_options=torch_reference.FAST_COMPILE)
   return fn(state, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))
 
 
@@ -96,7 +86,7 @@ def _forward_and_grads(model, x, t, context, target):
     pred = nnx.merge(graphdef, params)(x, t, context)
     return jnp.mean((pred - target) ** 2), pred
 
-  fn = jax.jit(jax.grad(loss_fn, has_aux=True), compiler_options=_FAST_COMPILE)
+  fn = jax.jit(jax.grad(loss_fn, has_aux=True), compiler_options=torch_reference.FAST_COMPILE)
   traced = fn.trace(params)
   grads, pred = traced.lower().compile()(params)
   return pred, grads, str(traced.jaxpr)
@@ -147,7 +137,7 @@ def cases(tmp_path_factory):
 def test_forward_matches_diffusers(cases, name):
   case = cases[name]
   assert case["out"].shape == case["ref"].shape
-  assert _rel_err(case["out"], case["ref"]) < 1e-4
+  assert torch_reference.rel_err(case["out"], case["ref"]) < 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -159,7 +149,7 @@ def test_save_pretrained_loads_in_diffusers(cases, name, tmp_path):
       back.state_dict())
   with torch.no_grad():
     ref = _torch_forward(back, case["x"], case["t"], case["context"]).numpy()
-  assert _rel_err(case["out"], ref) < 1e-4
+  assert torch_reference.rel_err(case["out"], ref) < 1e-4
 
 
 def test_gradients_match_torch_autograd_with_remat(cases):
@@ -191,7 +181,7 @@ def test_bf16_compute_is_close_to_fp32(cases):
   assert kernel.dtype == jnp.float32  # stored in param_dtype
   out = _forward(model, case["x"], case["t"], case["context"])
   assert out.dtype == jnp.bfloat16  # returned in the compute dtype
-  assert 1e-4 < _rel_err(out, case["ref"]) < 5e-2
+  assert 1e-4 < torch_reference.rel_err(out, case["ref"]) < 5e-2
   stored = UNet2DConditionModel.from_pretrained(
       case["folder"], param_dtype=jnp.bfloat16)
   assert stored.conv_in.kernel.get_value().dtype == jnp.bfloat16
