@@ -140,10 +140,15 @@ def method_available(method: str) -> str | None:
 
 
 def recipe_config(method: str, shape: Shape, *, batch_size: int,
-                  precision: str) -> ml_collections.ConfigDict:
-  """The method's recipe (tiny data settings) at a shape, batch and precision."""
+                  precision: str, lora_rank: int = 0
+                  ) -> ml_collections.ConfigDict:
+  """The method's recipe (tiny data settings) at a shape, batch and precision.
+
+  ``lora_rank > 0`` trains adapters of that rank instead of the weights.
+  """
   config = config_lib.load_recipe(
       REPO / "configs" / RECIPES[method]).get_config("tiny")
+  config.lora.rank = lora_rank
   config.data.resolution = shape.resolution
   config.batch_size = batch_size
   config.mixed_precision = precision

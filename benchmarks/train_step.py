@@ -17,6 +17,8 @@ Compile time, FLOPs and memory are reported either way.
 
   python benchmarks/train_step.py --methods=dreambooth,rpo --shapes=tiny,small
   python benchmarks/train_step.py --shapes=tiny --steps=2   # smoke test
+  python benchmarks/train_step.py --methods=dreambooth,rpo,lookforward \
+      --shapes=small --lora-ranks=0,4,32   # full vs LoRA in one run
 
 Prints one JSON line per (method, shape), then a markdown table.
 """
@@ -35,7 +37,7 @@ import psutil
 import common
 from personalize_jax.engine import state as state_lib
 
-COLUMNS = [("method", "method"), ("shape", "shape"),
+COLUMNS = [("method", "method"), ("shape", "shape"), ("lora_rank", "LoRA rank"),
            ("unet_params_m", "U-Net M params"), ("batch_size", "batch"),
            ("precision", "dtype"), ("unet_evals_per_step", "U-Net evals/step"),
            ("compile_s", "compile s"), ("steps_per_s", "steps/s"),
@@ -58,9 +60,9 @@ def fits(peak_bytes: int) -> tuple[bool, str]:
 
 
 def bench_one(method: str, shape: common.Shape, args, peaks: dict,
-              root: Path) -> dict:
+              root: Path, lora_rank: int = 0) -> dict:
   config = common.recipe_config(method, shape, batch_size=args.batch_size,
-                                precision=args.precision)
+                                precision=args.precision, lora_rank=lora_rank)
   workdir = root / f"{method}-{shape.name}"
   start = time.perf_counter()
   built = (common.abstract_trainer(config, workdir, shape) if shape.full_size
@@ -80,7 +82,8 @@ def bench_one(method: str, shape: common.Shape, args, peaks: dict,
   memory = common.memory_report(compiled)
   record = {
       "benchmark": "train_step", "method": method, "shape": shape.name,
-      "resolution": shape.resolution, "latent_side": shape.resolution // 8,
+      "lora_rank": lora_rank, "resolution": shape.resolution,
+      "latent_side": shape.resolution // 8,
       "unet_params_m": built.unet_params / 1e6,
       "batch_size": config.batch_size, "precision": config.mixed_precision,
       "devices": jax.device_count(), "device": common.device_name(),
@@ -134,6 +137,9 @@ def main(argv=None) -> list[dict]:
                       help="default: fp32 on CPU, bf16 on accelerators")
   parser.add_argument("--no-full-size-runs", action="store_true",
                       help="compile the SD 1.4 shapes but never run them")
+  parser.add_argument("--lora-ranks", default="0",
+                      help="comma-separated LoRA ranks, 0 = full fine-tuning "
+                      "(Custom Diffusion runs at 0 only)")
   parser.add_argument("--workdir", default=None,
                       help="where methods cache their data (default: a "
                       "temporary folder, removed at the end)")
@@ -141,6 +147,7 @@ def main(argv=None) -> list[dict]:
   methods = common.parse_list(args.methods, common.METHODS)
   shapes = [common.SHAPES[s] for s in common.parse_list(args.shapes,
                                                         common.SHAPES)]
+  ranks = [int(r) for r in args.lora_ranks.split(",") if r.strip()]
   cpu = jax.devices()[0].platform == "cpu"
   args.precision = args.precision or ("fp32" if cpu else "bf16")
   args.batch_size = args.batch_size or jax.device_count()
@@ -159,16 +166,20 @@ def main(argv=None) -> list[dict]:
         print(f"skipping {method}: {missing}", file=sys.stderr)
         continue
       for shape in shapes:
-        try:
-          record = bench_one(method, shape, args, peaks, root)
-        except Exception as e:  # pylint: disable=broad-except
-          # Methods are written while this runs: report, go on with the rest.
-          traceback.print_exc()
-          record = {"benchmark": "train_step", "method": method,
-                    "shape": shape.name, "error": f"{type(e).__name__}: {e}",
-                    "note": f"failed: {type(e).__name__}"}
-        common.emit(record)
-        rows.append(record)
+        for rank in ranks:
+          if rank and method == "custom_diffusion":
+            continue  # it refuses LoRA: it trains a small subset already
+          try:
+            record = bench_one(method, shape, args, peaks, root, rank)
+          except Exception as e:  # pylint: disable=broad-except
+            # Methods are written while this runs: report, go on.
+            traceback.print_exc()
+            record = {"benchmark": "train_step", "method": method,
+                      "shape": shape.name, "lora_rank": rank,
+                      "error": f"{type(e).__name__}: {e}",
+                      "note": f"failed: {type(e).__name__}"}
+          common.emit(record)
+          rows.append(record)
   finally:
     if args.workdir is None:
       shutil.rmtree(root, ignore_errors=True)

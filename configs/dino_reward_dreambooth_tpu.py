@@ -20,7 +20,8 @@ from personalize_jax.engine import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
+  """The recipe; ``arg``: ``tiny`` (tiny random models on the drawn demo
+  subject), ``lora`` (rank-4 adapters at lr 1e-4), or ``tiny,lora``."""
   c = config_lib.load_recipe(
       Path(__file__).with_name("lookforward_dreambooth_tpu.py")).get_config(arg)
   c.lookforward.reward = "dino"

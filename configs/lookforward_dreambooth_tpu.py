@@ -24,7 +24,8 @@ from personalize_jax.methods import dreambooth, lookforward
 
 
 def get_config(arg: str | None = None):
-  """The recipe; ``arg="tiny"``: tiny random models on the drawn demo subject."""
+  """The recipe; ``arg``: ``tiny`` (tiny random models on the drawn demo
+  subject), ``lora`` (rank-4 adapters at lr 1e-4), or ``tiny,lora``."""
   c = lookforward.add_config(dreambooth.add_config(config_lib.base_config()))
   c.method = "lookforward"
   c.model.pretrained = "CompVis/stable-diffusion-v1-4"

@@ -36,7 +36,8 @@ from personalize_jax.methods import rpo
 
 
 def get_config(arg: str | None = None):
-  """The recipe; ``arg="tiny"``: tiny random models, the drawn demo subject."""
+  """The recipe; ``arg``: ``tiny`` (tiny random models, the drawn demo
+  subject), ``lora`` (rank-32 adapters at lr 1e-4), or ``tiny,lora``."""
   c = rpo.add_config(config_lib.base_config())
   c.method = "rpo"
   c.model.pretrained = "CompVis/stable-diffusion-v1-4"

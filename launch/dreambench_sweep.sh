@@ -15,8 +15,9 @@ For each subject: python -m personalize_jax.main --config=RECIPE
 --config.data.class_name=CLASS (the class noun from DATASET/$CLASSES_FILE)
 --config.final_eval.enabled=false (the sweep's evaluation replaces it),
 then links OUT/models/SUBJECT -> ../SUBJECT/export (each run's fine-tuned
-pipeline) and runs python -m personalize_jax.evaluate with
---config.model=OUT/models, which samples each subject from its own pipeline.
+pipeline, or its LoRA with a :lora recipe) and runs python -m
+personalize_jax.evaluate with --config.model=OUT/models, which samples each
+subject from its own pipeline (base + that subject's LoRA for LoRA runs).
 The metrics table is written to OUT/eval/metrics.md (and metrics.json,
 grids/). Re-running resumes unfinished runs from their checkpoints. Arguments
 after '--' are passed to every training run unchanged.
@@ -40,6 +41,8 @@ Options:
 Example:
   $PROG --config=configs/rpo_tpu.py --dataset-dir=../shared/dreambench/dataset \\
       --out=/tmp/rpo-dreambench --subjects=dog,backpack -- --config.num_steps=400
+  $PROG --config=configs/dreambooth_tpu.py:lora \\
+      --dataset-dir=../shared/dreambench/dataset --out=/tmp/lora-dreambench
 EOF
 }
 
@@ -113,13 +116,15 @@ fi
 
 # -------------------------------------------------------------------- eval --
 # The evaluator samples a subject from <model>/<subject>/ when that holds a
-# pipeline; each run exports its pipeline to <run>/export, so models/ links
-# them under the subject names (relative links: OUT can be moved).
+# pipeline or a LoRA (then fused into the base its train_config.json names);
+# each run exports to <run>/export, so models/ links them under the subject
+# names (relative links: OUT can be moved).
 (( ! SKIP_EVAL )) || exit 0
 if (( ! DRY_RUN )); then
   for s in "${CHOSEN[@]}"; do
-    [[ -f $OUT/$s/export/model_index.json ]] ||
-      die "no trained pipeline in $OUT/$s/export; train $s first (drop --skip-train)"
+    [[ -f $OUT/$s/export/model_index.json ||
+       -f $OUT/$s/export/pytorch_lora_weights.safetensors ]] ||
+      die "no trained pipeline or LoRA in $OUT/$s/export; train $s first (drop --skip-train)"
   done
 fi
 run mkdir -p "$OUT/models"

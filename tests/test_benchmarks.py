@@ -51,8 +51,10 @@ def _positive(record: dict, *keys: str) -> None:
 
 def test_train_step_script():
   lines = _run("train_step.py", "--shapes=tiny", "--methods=dreambooth",
-               "--steps=2")
-  peak, (record,) = lines[0], lines[1:]
+               "--steps=2", "--lora-ranks=0,4")
+  peak, (record, lora) = lines[0], lines[1:]
+  assert (record["lora_rank"], lora["lora_rank"]) == (0, 4)
+  _positive(lora, "steps_per_s", "tflops_per_step")
   assert peak["benchmark"] == "matmul_peak"
   _positive(peak, "peak_tflops")
   assert (record["method"], record["shape"]) == ("dreambooth", "tiny")
@@ -179,3 +181,18 @@ def test_full_size_twins_have_sd14_sizes():
            for name in ("unet", "vae", "text_encoder")}
   assert sizes == {"unet": 859_520_964, "vae": 83_653_863,
                    "text_encoder": 123_060_480}
+
+
+def test_lora_size_script_counts_sd14_adapters():
+  rows = {(r["components"], r["rank"]): r
+          for r in _run("lora_size.py", "--ranks=4,32")}
+  # 16 transformer blocks x (self + cross attention) x q, k, v, out: the
+  # 797,184 parameters of a rank-4 SD 1.x LoRA from diffusers' script.
+  unet4 = rows[("unet", 4)]
+  assert unet4["adapted_layers"] == 128 and unet4["params"] == 797_184
+  assert rows[("unet", 32)]["params"] == 8 * 797_184
+  # CLIP ViT-L/14: 12 layers x 4 projections of 768 x 768.
+  assert rows[("unet+text_encoder", 4)]["params"] == 797_184 + 48 * 2 * 4 * 768
+  # fp32 tensors plus a JSON header of at most a few tens of KiB.
+  for r in rows.values():
+    assert 4 * r["params"] < r["file_bytes"] < 4 * r["params"] + 64 * 1024

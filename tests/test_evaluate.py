@@ -1,5 +1,6 @@
 """DreamBench evaluation: averaging, image layout, and the CLI end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -252,6 +253,40 @@ def test_generate_images_wiring(tmp_path, monkeypatch):
   assert rows[1][1].shape == (8, 8, 3) and (rows[1][1] == 2).all()
   assert ev.read_prompts_json(tmp_path / "images", ["dog", "teapot"], 1) == (
       {"dog": ["a sks dog"], "teapot": ["a sks teapot"]}, "sks")
+
+
+def test_a_subject_folder_holding_a_lora_is_sampled_from_base_plus_lora(
+    tmp_path, monkeypatch):
+  """A LoRA sweep links each run's LoRA-only export under the subject name."""
+  models = tmp_path / "models"
+  for subject, base in (("cat", "tiny"), ("dog", "/base/sd14")):
+    (models / subject).mkdir(parents=True)
+    (models / subject / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (models / subject / "train_config.json").write_text(json.dumps(
+        {"model": {"pretrained": base}, "seed": 7}))
+  loaded = []
+
+  @dataclasses.dataclass
+  class Pipe:
+    source: str
+
+  def fake_load(source, **kwargs):
+    loaded.append((source, kwargs))
+    return Pipe(source)
+
+  monkeypatch.setattr(ev.pipeline_lib, "load_stable_diffusion", fake_load)
+  monkeypatch.setattr(ev.diffusion, "generate", lambda pipe, prompts, **_: (
+      np.zeros((len(prompts), 8, 8, 3), np.uint8)), raising=False)
+  config = _tiny_config()
+  config.model = str(models)
+  ev.generate_images(config, {"cat": ["a sks cat"], "dog": ["a sks dog"]},
+                     tmp_path / "images")
+  assert loaded == [("tiny", {"lora": models / "cat", "seed": 7}),
+                    ("/base/sd14", {"lora": models / "dog"})]
+  config.base_model = "/other/base"  # named explicitly, it wins
+  loaded.clear()
+  ev.generate_images(config, {"dog": ["a sks dog"]}, tmp_path / "images2")
+  assert loaded == [("/other/base", {"lora": models / "dog"})]
 
 
 def _tiny_config():

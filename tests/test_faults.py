@@ -50,6 +50,10 @@ BASE = [
     "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=10",
     "--config.log_every_steps=1", "--config.eval_every_steps=1000",
 ]
+# LoRA on the U-Net (scale 2): only the adapters are in the train state.
+LORA = ["--config=configs/dreambooth_tpu.py:tiny,lora", *BASE[1:],
+        "--config.lora.alpha=8"]
+LORA_FILE = Path("export/pytorch_lora_weights.safetensors")
 # Less LLVM optimisation: a few steps of a tiny model, so compiling dominates.
 FAST_XLA = ("--xla_backend_optimization_level=0 "
             "--xla_llvm_disable_expensive_passes=true "
@@ -159,12 +163,13 @@ def runs(tmp_path_factory):
   """
   tmp = tmp_path_factory.mktemp("faults")
   r = types.SimpleNamespace(killed=[], resumed=None, sigterm_rerun=None,
+                            lora_killed=None, lora_resumed=None,
                             odd_folder=tmp / "odd_photos")
   r.odd_photos = _odd_photos(r.odd_folder)
   killed_workdir = tmp / "killed"
 
-  def start(name, args=(), workdir=None, fault=None):
-    return _Run(tmp, name, workdir or tmp / name, [*BASE, *args], fault)
+  def start(name, args=(), workdir=None, fault=None, base=BASE):
+    return _Run(tmp, name, workdir or tmp / name, [*base, *args], fault)
 
   nan = f"--config.debug_nan_at_step={NAN_STEP}"
   r.straight = start("straight")
@@ -174,12 +179,13 @@ def runs(tmp_path_factory):
       f"--config.data.instance_dir={r.odd_folder}",
       "--config.data.skip_bad_images=true",
       f"--config.data.instance_prompt={LONG_PROMPT}"])
-  deadline = time.monotonic() + 900
+  deadline = time.monotonic() + 1500
   while not (_logged_a_step(r.straight.workdir) or r.straight.done()):
     assert time.monotonic() < deadline
     time.sleep(0.05)
   r.nan_stop = start("nan_stop", [nan])
   r.sigterm = start("sigterm")
+  r.lora_straight = start("lora_straight", base=LORA)
   faults = [fault for fault, _, _ in KILLS.values()]
   signalled = False
   while True:
@@ -195,11 +201,20 @@ def runs(tmp_path_factory):
       signalled = True
     if r.sigterm_rerun is None and r.sigterm.done():
       r.sigterm_rerun = start("sigterm_rerun", workdir=r.sigterm.workdir)
+    # The LoRA kill starts once the uninterrupted LoRA run compiled its step.
+    if r.lora_killed is None and (_logged_a_step(r.lora_straight.workdir)
+                                  or r.lora_straight.done()):
+      r.lora_killed = start("lora_killed", fault="after_save:2", base=LORA)
+    if (r.lora_resumed is None and r.lora_killed is not None
+        and r.lora_killed.done()):
+      r.lora_resumed = start("lora_resumed", workdir=r.lora_killed.workdir,
+                             base=LORA)
     everything = [r.straight, r.nan_stop, r.lenient, r.sigterm,
-                  r.sigterm_rerun, r.resumed, *r.killed]
+                  r.sigterm_rerun, r.resumed, *r.killed, r.lora_straight,
+                  r.lora_killed, r.lora_resumed]
     if all(x and x.done() for x in everything):
       return r
-    assert time.monotonic() < deadline, "the runs took over 15 minutes"
+    assert time.monotonic() < deadline, "the runs took over 25 minutes"
     time.sleep(0.02)
 
 
@@ -281,6 +296,24 @@ def test_a_run_killed_three_times_ends_like_an_uninterrupted_one(runs):
           == (straight.workdir / UNET).read_bytes())
   _assert_bitwise_equal(_state(resumed.workdir, NUM_STEPS),
                         _state(straight.workdir, NUM_STEPS))
+  assert _without_timings(resumed.workdir) == _without_timings(
+      straight.workdir)
+
+
+def test_a_lora_run_killed_after_a_save_resumes_bit_identically(runs):
+  killed, resumed, straight = (runs.lora_killed, runs.lora_resumed,
+                               runs.lora_straight)
+  assert killed.returncode == -signal.SIGKILL and killed.checkpoints == [
+      "1", "2"]
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _no_traceback(resumed)
+  assert re.findall(r"resumed from step (\d+)", resumed.stderr) == ["2"]
+  assert ((resumed.workdir / LORA_FILE).read_bytes()
+          == (straight.workdir / LORA_FILE).read_bytes())
+  assert not (straight.workdir / UNET).exists()  # adapters only
+  ours = _state(resumed.workdir, NUM_STEPS)
+  _assert_bitwise_equal(ours, _state(straight.workdir, NUM_STEPS))
+  assert all("lora_" in k for k in _params(ours))
   assert _without_timings(resumed.workdir) == _without_timings(
       straight.workdir)
 

@@ -96,6 +96,9 @@ CASES = [
     ("rpo_tpu", "pallas", 4, ("train_step", "ddim")),
     ("custom_diffusion_tpu", "auto", 4, ("train_step",)),
     ("lookforward_dreambooth_tpu", "pallas", 1, ("train_step",)),
+    # LoRA: adapters sharded by FSDP, the base frozen, RPO's base the same
+    # U-Net with its adapters off.
+    ("rpo_tpu:lora", "pallas", 4, ("train_step",)),
 ]
 
 
@@ -104,10 +107,12 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_tiny_recipes_compile_for_v5e_with_pallas(recipe, impl, fsdp,
                                                   functions):
-  config = recipes.load(recipe, "tiny", **{
-      "model.attention_impl": impl, "mesh.data": -1, "mesh.fsdp": fsdp})
+  name, _, variant = recipe.partition(":")
+  config = recipes.load(name, ",".join(["tiny"] + [variant] * bool(variant)),
+                        **{"model.attention_impl": impl, "mesh.data": -1,
+                           "mesh.fsdp": fsdp})
   records = tpu_compile.compile_recipe(config, TOPOLOGY, functions,
-                                       recipe=recipe)
+                                       recipe=name)
   assert [r["function"] for r in records] == list(functions)
   for r in records:
     assert r["attention"] == "pallas"

@@ -15,6 +15,7 @@ import re
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination client
 from jax.experimental import multihost_utils
 
 from personalize_jax.errors import UserError
@@ -115,6 +116,18 @@ def barrier(name: str) -> None:
   """
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def meet(name: str, timeout_s: float = 1800.0) -> None:
+  """Waits until every process has reached ``name``, without the devices.
+
+  A barrier of the coordination service: unlike ``barrier`` it runs no
+  collective, so it cannot itself be a collective whose set-up times out.
+  A no-op on one process.
+  """
+  if jax.process_count() > 1:
+    jax_distributed.global_state.client.wait_at_barrier(
+        name, int(timeout_s * 1000))
 
 
 def any_process(flag: bool) -> bool:

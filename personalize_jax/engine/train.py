@@ -242,7 +242,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
   ctx = Context(config=config, workdir=workdir, pipeline=pipeline,
                 mesh=host_mesh)
   if step_module is not None:
-    ctx.step_module = step_module
+    # The step's twins carry the same adapters (abstract ones).
+    ctx.step_module = lambda name, module: add_lora(
+        config, name, step_module(name, module))
   method = method.build(ctx)
   # Evaluations run where the step runs.
   ctx.mesh = mesh
@@ -360,6 +362,14 @@ def _run(config, workdir: Path, method_module) -> Summary:
             f"is {where}; lower --config.learning_rate or set "
             "--config.nan_policy=skip")
 
+  if jax.process_count() > 1 and start < config.num_steps:
+    # Every process compiles the step, then all start it together: gloo sets
+    # up a collective on its first use and gives up when one process arrives
+    # 30 s after another (a slower compile on a loaded host does that).
+    train_step = train_step.lower(
+        state, frozen, state_lib.shard_batch(method.batch(start), mesh)
+    ).compile()
+    distributed.meet(f"train_step_compiled_{start}")
   with checkpoints.PreemptionHandler() as preemption:
     for step in range(start, config.num_steps):
       batch = state_lib.shard_batch(method.batch(step), mesh)
@@ -367,10 +377,11 @@ def _run(config, workdir: Path, method_module) -> Summary:
       done = step + 1
       window_steps += 1
       unchecked.append((done, step_metrics["finite"]))
-      # Read at once: reading it one step later (keep=1) let the processes
-      # of a multi-host run drift a step apart, and gloo's connection to the
-      # next collective timed out on a loaded 2-core host.
-      ensure_finite()
+      # One process reads a step's flag once the next step is queued, so the
+      # host never waits for the device between steps. Several processes
+      # read it at once: a step behind, they drifted a step apart and gloo's
+      # connection to the next collective timed out on a loaded host.
+      ensure_finite(keep=1 if jax.process_count() == 1 else 0)
       last_step = done == config.num_steps
       if done % config.log_every_steps == 0 or last_step:
         ensure_finite()

@@ -404,6 +404,11 @@ RECIPES = {
                                    "reward/latent", "loss/prior",
                                    "update_norm/unet",
                                    "update_norm/text_encoder"},
+    # LoRA on the U-Net and the text encoder; the critic trains as before.
+    "lookforward_dreambooth_tpu:lora": {"loss/actor", "loss/critic", "q/mean",
+                                        "reward/latent", "update_norm/unet",
+                                        "update_norm/text_encoder",
+                                        "update_norm/qnetwork"},
 }
 
 
@@ -424,15 +429,20 @@ def cli_runs(tmp_path_factory, class_images):
              "--xla_llvm_disable_expensive_passes=true")
   out = {}
   for recipe in RECIPES:
+    name, _, variant = recipe.partition(":")
     result = subprocess.run(
         [sys.executable, "-m", "personalize_jax.main",
-         f"--config={REPO / 'configs' / recipe}.py:tiny",
-         f"--workdir={tmp / recipe}", "--config.num_steps=2",
+         f"--config={REPO / 'configs' / name}.py:tiny"
+         + (f",{variant}" if variant else ""),
+         f"--workdir={tmp / recipe.replace(':', '-')}", "--config.num_steps=2",
          "--config.log_every_steps=1", "--config.eval.num_inference_steps=1",
          "--config.dreambooth.num_class_images=2",
-         f"--config.dreambooth.class_images_dir={class_images}"],
+         f"--config.dreambooth.class_images_dir={class_images}",
+         # The LoRA run's final evaluation loads the base with its adapters.
+         f"--config.final_eval.enabled={str(bool(variant)).lower()}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    out[recipe] = (result.returncode, result.stderr, tmp / recipe)
+    out[recipe] = (result.returncode, result.stderr,
+                   tmp / recipe.replace(":", "-"))
   return out
 
 
@@ -454,4 +464,12 @@ def test_tiny_recipe_runs_through_the_cli(cli_runs, recipe):
     assert all(line[k] > 0 for k in moved), line
   if recipe.startswith("dino"):
     assert "loss/critic" not in logged[0]
-  assert (workdir / "export" / "unet").is_dir()
+  if recipe.endswith(":lora"):
+    exported = sorted(p.name for p in (workdir / "export").iterdir())
+    assert exported == ["pytorch_lora_weights.safetensors",
+                        "train_config.json"]
+    results = json.loads((workdir / "final_eval" / "metrics.json").read_text())
+    assert results["models"]["finetuned"] == str(workdir / "export")
+    assert all(np.isfinite(v) for v in results["finetuned"].values())
+  else:
+    assert (workdir / "export" / "unet").is_dir()
