@@ -125,16 +125,36 @@ def check_model_type(config: Mapping, expected: str, cls_name: str,
         f"checkpoints; use the class for {found!r}{siblings} or another folder")
 
 
-def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
-  """Reads one ``.safetensors`` file into NumPy arrays (bf16 via ml_dtypes)."""
+def read_safetensors_header(path: Path, hint: str = "re-download or re-save it"
+                            ) -> tuple[dict[str, Any], int]:
+  """A ``.safetensors`` file's JSON header and where its data starts.
+
+  Raises:
+    CheckpointError: the file is unreadable or not safetensors (``hint``
+      says what to do).
+  """
   try:
     with open(path, "rb") as f:
       (header_len,) = struct.unpack("<Q", f.read(8))
       if header_len > os.path.getsize(path) - 8:
-        raise struct.error(f"a header of {header_len} bytes does not fit")
+        raise ValueError(f"its header would be {header_len} bytes long")
       header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+      raise ValueError("its header is not a JSON object")
+  except (OSError, struct.error, ValueError) as e:  # JSONDecodeError too
+    raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
+                          f"{hint}") from None
+  return header, 8 + header_len
+
+
+def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+  """Reads one ``.safetensors`` file into NumPy arrays (bf16 via ml_dtypes)."""
+  header, start = read_safetensors_header(path)
+  try:
+    with open(path, "rb") as f:
+      f.seek(start)
       data = memoryview(f.read())
-  except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+  except OSError as e:
     raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
                           "re-download or re-save it") from None
   out = {}

@@ -46,7 +46,6 @@ import math
 import numbers
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -279,18 +278,8 @@ def _lora_path(path_or_dir: str | os.PathLike) -> Path:
 
 def _header(path: Path) -> dict[str, Any]:
   """The file's safetensors header, checked before anything is read."""
-  try:
-    with open(path, "rb") as f:
-      (header_len,) = struct.unpack("<Q", f.read(8))
-      if header_len > path.stat().st_size - 8:
-        raise ValueError(f"its header would be {header_len} bytes long")
-      header = json.loads(f.read(header_len))
-    if not isinstance(header, dict):
-      raise ValueError("its header is not a JSON object")
-  except (OSError, struct.error, ValueError) as e:  # JSONDecodeError too
-    raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
-                          "re-download or re-save the LoRA") from None
-  return header
+  return checkpoint.read_safetensors_header(path, "re-download or re-save "
+                                                  "the LoRA")[0]
 
 
 def _adapter_metadata(path: Path, header: Mapping[str, Any]
