@@ -1,12 +1,13 @@
 """Shared test setup: float32 everywhere, deterministic torch, shared data paths."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (the TPU compiler of tests/test_tpu_compile.py) takes a lock file
 # that would keep a second test worker from loading it.
@@ -14,6 +15,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # Shared test helpers (``recipes``) import by name from any test folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# In-process programs compile as the subprocess runs do (tests/xla_env.py).
+os.environ.setdefault("XLA_FLAGS", xla_env.FAST_XLA)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -21,6 +26,20 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: runs whole trainings in subprocesses (minutes on CPU)")
+  # One compilation cache for the subprocess runs of the whole session
+  # (tests/xla_env.py); made before pytest-xdist starts its workers, which
+  # inherit the variable, and removed by the process that made it.
+  if not os.environ.get(xla_env.CACHE_VARIABLE):
+    os.environ[xla_env.CACHE_VARIABLE] = tempfile.mkdtemp(
+        prefix="personalize_jax-xla-cache-")
+    config.made_compilation_cache = os.environ[xla_env.CACHE_VARIABLE]
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, "made_compilation_cache", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
+    del os.environ[xla_env.CACHE_VARIABLE]
 
 
 @pytest.fixture(scope="session")

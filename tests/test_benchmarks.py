@@ -20,18 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Whole trainings or benchmark scripts in subprocesses: minutes on CPU.
 pytestmark = pytest.mark.slow
 
-# Programs here run a few steps: less LLVM optimisation compiles faster.
-FAST_XLA = ("--xla_backend_optimization_level=0 "
-            "--xla_llvm_disable_expensive_passes=true")
 
 
 def _run(script: str, *args: str, timeout: int = 1200) -> list[dict]:
-  env = dict(os.environ, XLA_FLAGS=FAST_XLA, JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
+  # Off the shared cache: the scripts measure their own compiles.
+  env = xla_env.env(cache=False)
   result = subprocess.run(
       [sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=timeout)

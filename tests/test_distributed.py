@@ -4,7 +4,8 @@ A pod slice runs one process per host (JAX's multi-controller runtime). Here
 two processes of 4 CPU devices each join through ``jax.distributed`` (gloo
 between them) on one shared workdir, and must train like one process of 8
 devices, leave the run directory to process 0 and resume after both are
-killed. All runs share one fixture and a persistent compilation cache:
+killed. All runs share one fixture and the session's compilation cache
+(``tests/xla_env.py``):
 
 * ``two``: 2 x 4 devices, each process logging the paths it writes
   (``tests/_audited_run.py``);
@@ -30,6 +31,7 @@ from safetensors.numpy import load_file
 from personalize_jax.engine import distributed
 from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.errors import UserError
+import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
 AUDITED_RUN = Path(__file__).with_name("_audited_run.py")
@@ -47,11 +49,6 @@ ARGS = [
     "--config.dreambooth.class_inference_steps=1",
     "--config.eval.num_inference_steps=1",
 ]
-# As tests/engine/_run_tiny.py: a few steps of a tiny model, so compiling
-# dominates; every run here compiles the same way.
-FAST_XLA = ("--xla_backend_optimization_level=0 "
-            "--xla_llvm_disable_expensive_passes=true "
-            "--xla_cpu_use_fusion_emitters=false")
 UNET = Path("unet/diffusion_pytorch_model.safetensors")
 # XLA's CPU backend gives each process a thread pool as large as its device
 # count (8 here, 4 in each of two processes) and splits large reductions over
@@ -93,15 +90,8 @@ class _Run:
                  f"--num_processes={num_processes}", f"--process_id={i}"]
       command = ([sys.executable, str(AUDITED_RUN)] if audit
                  else [sys.executable, "-m", "personalize_jax.main"])
-      env = dict(
-          os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-          HF_HUB_OFFLINE="1", WRITES_LOG=str(self.writes_log(i)) if audit
-          else "",
-          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-          + FAST_XLA,
-          JAX_COMPILATION_CACHE_DIR=str(tmp / "compilation_cache"),
-          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+      env = xla_env.env(devices, WRITES_LOG=str(self.writes_log(i))
+                        if audit else "")
       with open(self._file(i, "stdout"), "w") as out, open(
           self._file(i, "stderr"), "w") as err:
         self.processes.append(subprocess.Popen(

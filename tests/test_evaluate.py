@@ -20,6 +20,7 @@ from personalize_jax.data import dreambench
 from personalize_jax.errors import UserError
 
 import recipes
+import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,8 +156,7 @@ def test_cli_end_to_end(tmp_path):
   workdir = tmp_path / "work"
   # XLA's LLVM optimisations take most of the CLI's CPU time on tiny models,
   # and the float results stay far inside the tolerance below.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  env = xla_env.env()
   cmd = [sys.executable, "-m", "personalize_jax.evaluate",
          "--config=configs/eval_dreambench.py:tiny",
          f"--config.dataset_dir={dataset}", f"--config.images_dir={images}",

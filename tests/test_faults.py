@@ -5,8 +5,8 @@ through the command line: a kill needs a process of its own and a resume a new
 one. ``tests/_fault_run.py`` is the same command with a SIGKILL at a chosen
 moment of the checkpoint path. One workdir is killed three times, each run
 resuming the last, before the plain command finishes it; it must end exactly
-like an uninterrupted run. All runs share a persistent compilation cache and
-run side by side; those whose train step is the reference run's start once it
+like an uninterrupted run. All runs share the session's compilation cache
+(``tests/xla_env.py``) and run side by side; those whose train step is the reference run's start once it
 is cached, so the file compiles a train step three times (the reference, and
 the NaN-injected ones under ``nan_policy`` stop and skip).
 """
@@ -36,6 +36,7 @@ from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.engine import sharding, state as state_lib
 from personalize_jax.errors import UserError
+import xla_env
 
 # Whole trainings or benchmark scripts in subprocesses: minutes on CPU.
 pytestmark = pytest.mark.slow
@@ -54,10 +55,6 @@ BASE = [
 LORA = ["--config=configs/dreambooth_tpu.py:tiny,lora", *BASE[1:],
         "--config.lora.alpha=8"]
 LORA_FILE = Path("export/pytorch_lora_weights.safetensors")
-# Less LLVM optimisation: a few steps of a tiny model, so compiling dominates.
-FAST_XLA = ("--xla_backend_optimization_level=0 "
-            "--xla_llvm_disable_expensive_passes=true "
-            "--xla_cpu_use_fusion_emitters=false")
 # The runs on one workdir, in order: --fault of tests/_fault_run.py,
 # checkpoints/ as the kill left it, and the step the next run resumes from.
 KILLS = {
@@ -84,11 +81,7 @@ class _Run:
     self._out, self._err = tmp / f"{name}.stdout", tmp / f"{name}.stderr"
     command = ([sys.executable, str(FAULT_RUN), f"--fault={fault}"] if fault
                else [sys.executable, "-m", "personalize_jax.main"])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=FAST_XLA, HF_HUB_OFFLINE="1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp / "compilation_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = xla_env.env()
     with open(self._out, "w") as out, open(self._err, "w") as err:
       self.process = subprocess.Popen(
           [*command, f"--workdir={workdir}", *args], cwd=REPO, env=env,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import xla_env
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "--config=configs/dreambooth_tpu.py:tiny"
 
@@ -75,8 +77,7 @@ CASES = {
 
 
 def _start(args: list[str], devices: int, workdir: Path) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = xla_env.env(devices)
   return subprocess.Popen(
       [sys.executable, "-m", "personalize_jax.main", f"--workdir={workdir}",
        *args], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -12,6 +12,7 @@ from personalize_jax.models import checkpoint
 from personalize_jax.pipeline import load_stable_diffusion
 
 import torch_reference
+import xla_env
 
 PROMPTS = ["a photo of sks dog", "a sks dog on the beach"]
 STEPS = 4
@@ -105,9 +106,7 @@ print("RESULT", plain.shape == spread.shape, diff.max(), (diff > 0).mean())
 def test_generate_spreads_over_devices(tmp_path):
   """Sampling split over 8 devices gives the images of the 1-device path."""
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = xla_env.env(8)
   out = subprocess.run([sys.executable, "-c", _SHARDED_GENERATE], env=env,
                        capture_output=True, text=True, timeout=600,
                        cwd=tmp_path, check=False)

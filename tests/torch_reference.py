@@ -6,9 +6,12 @@ import diffusers
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
-from personalize_jax.models import presets
+from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.tokenizer import load_tokenizer
+
+import xla_env
 
 
 def public(config: dict) -> dict:
@@ -43,14 +46,32 @@ def tiny_pipeline(folder: Path, seed: int = 0
   return pipe
 
 
-# XLA's CPU optimisation passes and fusion emitters do not pay off for models
-# this small (it roughly halves the compile time).
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
+# The tests' compile options (tests/xla_env.py), here for the model tests.
+FAST_COMPILE = xla_env.FAST_COMPILE
 
 
 def rel_err(ours, ref) -> float:
   """``max |ours - ref| / max |ref|``, in float32."""
   ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
   return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def assert_grads_match(grads, torch_model, tol: float) -> None:
+  """Our parameter gradients equal the ``.grad`` torch autograd left.
+
+  Args:
+    grads: an ``nnx.State`` of gradients, one per parameter of the port.
+    torch_model: the reference after ``loss.backward()``.
+    tol: allowed ``max |ours - ref|`` relative to ``max |ref|``, per tensor.
+  """
+  torch_params = dict(torch_model.named_parameters())
+  flat = list(nnx.to_flat_state(grads))
+  assert len(flat) == len(torch_params)
+  for path, value in flat:
+    key = checkpoint.torch_key(path)
+    ours = checkpoint.to_torch_layout(path, np.asarray(value.get_value()))
+    ref = torch_params[key].grad.numpy()
+    assert np.isfinite(ours).all(), key
+    scale = np.abs(ref).max()
+    assert scale > 0, key
+    assert np.abs(ours - ref).max() <= tol * scale, key

@@ -17,9 +17,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tqdm
 from PIL import Image, ImageDraw, ImageFont
-from tensorboardX import event_file_writer
-from tensorboardX import summary as tb_summary
-from tensorboardX.proto import event_pb2
 
 from personalize_jax import grids
 from personalize_jax.engine.rundir import atomic_write_bytes, atomic_write_text
@@ -100,11 +97,19 @@ class MetricsWriter:
     # SummaryWriter is not used: it writes from a queue, so its flush() can
     # return before the last scalars reach the file.
     MetricsWriter._count += 1
+    # Imported here, not at the top: tensorboardX's package imports torch
+    # where it is installed (seconds), which a command that stops at a
+    # mistake in its config never needs.
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import event_file_writer, summary
+    from tensorboardX.proto import event_pb2
+    # pylint: enable=g-import-not-at-top
+    self._event, self._scalar = event_pb2.Event, summary.scalar
     self._events = event_file_writer.EventsWriter(
         str(tb_dir / "events"),
         filename_suffix=f".{os.getpid()}.{MetricsWriter._count:04d}")
     # TensorBoard drops the steps from here on that earlier files logged.
-    self._events.write_event(event_pb2.Event(
+    self._events.write_event(self._event(
         wall_time=time.time(), step=last_kept_step + 1,
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
     self._events.flush()
@@ -121,9 +126,9 @@ class MetricsWriter:
     os.fsync(self._jsonl.fileno())
     wall_time = time.time()
     for name, value in values.items():
-      self._events.write_event(event_pb2.Event(
+      self._events.write_event(self._event(
           wall_time=wall_time, step=int(step),
-          summary=tb_summary.scalar(name, value)))
+          summary=self._scalar(name, value)))
     self._events.flush()  # fsyncs too.
 
   def close(self) -> None:

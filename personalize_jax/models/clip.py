@@ -1,5 +1,10 @@
 """CLIP text and vision towers (transformers' ``CLIPTextModel``/``CLIPModel``).
 
+``CLIPTextModelWithProjection`` is SDXL's second text encoder (OpenCLIP
+bigG): the text tower plus a bias-free projection of the pooled state. Text
+models also return every layer's hidden state on request (SDXL conditions on
+the penultimate one).
+
 Attribute names mirror the transformers 4.x module tree, which is the layout of
 every published checkpoint: a Stable Diffusion ``text_encoder/`` stores
 ``text_model.embeddings...``, an ``openai/clip-vit-*`` checkpoint stores
@@ -226,10 +231,14 @@ class CLIPEncoder(nnx.Module):
     self.layers = nnx.List([CLIPEncoderLayer(config, causal=causal, **kw)
                             for _ in range(config.num_hidden_layers)])
 
-  def __call__(self, x):
+  def __call__(self, x, output_hidden_states=False):
+    """The last layer's output; with ``output_hidden_states`` also the tuple
+    (input, each layer's output), as transformers returns it."""
+    states = [x]
     for layer in self.layers:
       x = layers.remat_call(layer, x) if self.remat else layer(x)
-    return x
+      states.append(x)
+    return (x, tuple(states)) if output_hidden_states else x
 
 
 class CLIPTextEmbeddings(nnx.Module):
@@ -258,7 +267,9 @@ def _eos_positions(input_ids_bt, eos_token_id):
   Configs written before transformers 4.31 say ``eos_token_id=2``; for those
   the end token is taken to be the largest id (``<|endoftext|>`` is the last
   vocabulary entry). Otherwise it is the first ``eos_token_id``, which stays
-  right when padding uses the same token.
+  right when padding uses the same token. Both rules find the end token under
+  either padding of Stable Diffusion tokenizers: with ``<|endoftext|>`` (SD
+  1.x, SDXL's first) or with ``!`` (id 0: SD 2.x, SDXL's second).
   """
   if eos_token_id == 2:
     return jnp.argmax(input_ids_bt, axis=-1)
@@ -278,11 +289,18 @@ class CLIPTextTransformer(nnx.Module):
     self.final_layer_norm = layers.layer_norm(
         config.hidden_size, epsilon=config.layer_norm_eps, **kw)
 
-  def __call__(self, input_ids_bt):
-    """Returns ``(last_hidden_state_btd, pooled_bd)``."""
-    hidden = self.final_layer_norm(self.encoder(self.embeddings(input_ids_bt)))
-    eos = _eos_positions(input_ids_bt, self.eos_token_id)
-    return hidden, hidden[jnp.arange(hidden.shape[0]), eos]
+  def __call__(self, input_ids_bt, output_hidden_states=False):
+    """``(last_hidden_state_btd, pooled_bd)``, and with ``output_hidden_states``
+    the encoder's ``hidden_states`` (before the final layer norm) third."""
+    hidden, states = self.embeddings(input_ids_bt), None
+    if output_hidden_states:
+      hidden, states = self.encoder(hidden, output_hidden_states=True)
+    else:
+      hidden = self.encoder(hidden)
+    hidden = self.final_layer_norm(hidden)
+    pooled = hidden[jnp.arange(hidden.shape[0]),
+                    _eos_positions(input_ids_bt, self.eos_token_id)]
+    return (hidden, pooled) if states is None else (hidden, pooled, states)
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -375,12 +393,14 @@ class _Pretrained:
         preset=cls.preset, weights_name=checkpoint.TRANSFORMERS_WEIGHTS,
         param_dtype=param_dtype, seed=seed,
         model_type=cls.config_class.model_type, cls_name=cls.__name__,
-        classes="CLIPTextModel, CLIPVisionModel or CLIPModel",
+        classes=("CLIPTextModel, CLIPTextModelWithProjection, "
+                 "CLIPVisionModel or CLIPModel"),
         ignore_unexpected=_IGNORED_KEYS, rename=rename)
 
   def save_pretrained(self, folder: str | os.PathLike, dtype=np.float32):
     """Writes ``config.json`` + ``model.safetensors`` transformers can load."""
-    return checkpoint.save_pretrained(self, folder, self.config.to_dict(),
+    config = {**self.config.to_dict(), "architectures": [type(self).__name__]}
+    return checkpoint.save_pretrained(self, folder, config,
                                       checkpoint.TRANSFORMERS_WEIGHTS, dtype)
 
 
@@ -403,13 +423,21 @@ class CLIPTextModel(_Pretrained, nnx.Module):
     """The last hidden state after the final layer norm, ``(b, t, d)``."""
     return self.text_model(input_ids_bt)[0]
 
-  def encode(self, input_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(last_hidden_state (b, t, d), pooled (b, d))``.
+  def encode(self, input_ids_bt: jax.Array, *,
+             output_hidden_states: bool = False) -> tuple:
+    """``(last_hidden_state (b, t, d), pooled (b, d))`` [+ ``hidden_states``].
 
     ``pooled`` is the state at each sequence's end-of-text token
     (transformers' ``pooler_output``).
+
+    Args:
+      input_ids_bt: token ids.
+      output_hidden_states: also return, third, transformers'
+        ``hidden_states``: a tuple of ``num_hidden_layers + 1`` arrays
+        ``(b, t, d)``, the embeddings then each layer's output, without the
+        final layer norm (SDXL reads ``hidden_states[-2]``).
     """
-    return self.text_model(input_ids_bt)
+    return self.text_model(input_ids_bt, output_hidden_states)
 
   def with_added_tokens(self, rows_nd) -> "CLIPTextModel":
     """A copy whose token table has ``rows_nd`` appended as new token ids.
@@ -439,6 +467,39 @@ class CLIPTextModel(_Pretrained, nnx.Module):
     grown.config = config
     grown.text_model.embeddings.token_embedding = table
     return grown
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+  """transformers' ``CLIPTextModelWithProjection``: SDXL's second encoder.
+
+  The text tower and ``text_projection``, a bias-free linear map of the
+  pooled state to ``projection_dim``. Both transformers 4 and 5 store the
+  tower under ``text_model.``, so keys load unrenamed.
+  """
+
+  preset = presets.TINY_SDXL_TEXT_2
+  prefix = None
+
+  def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, attention_impl: str = "xla",
+               remat: bool = False, rngs: nnx.Rngs):
+    super().__init__(config, dtype=dtype, param_dtype=param_dtype,
+                     attention_impl=attention_impl, remat=remat, rngs=rngs)
+    self.text_projection = layers.linear(
+        config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+
+  def encode(self, input_ids_bt: jax.Array, *,
+             output_hidden_states: bool = False) -> tuple:
+    """``(last_hidden_state (b, t, d), text_embeds (b, projection_dim))``.
+
+    ``text_embeds`` is the projected pooled state (transformers'
+    ``text_embeds``); ``output_hidden_states`` adds ``hidden_states`` third,
+    as ``CLIPTextModel.encode`` does.
+    """
+    hidden, pooled, *states = self.text_model(input_ids_bt,
+                                              output_hidden_states)
+    return (hidden, self.text_projection(pooled), *states)
 
 
 class CLIPVisionModel(_Pretrained, nnx.Module):

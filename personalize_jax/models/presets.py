@@ -151,6 +151,29 @@ DINO_PROCESSOR = {
     "resample": 2,
 }
 
+# A tiny SDXL, shaped like diffusers' own SDXL test models: the U-Net reads the
+# two text encoders' hidden states side by side (32 + 32 = 64 wide) and, as
+# its added embedding, the second one's projected pooled output (32) with 6
+# time ids x 8 sinusoids (80 in all). The second tokenizer pads with "!" (0).
+TINY_SDXL_UNET = dict(
+    UNET,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4],
+    transformer_layers_per_block=[1, 2],
+    use_linear_projection=True,
+    cross_attention_dim=64,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+)
+
+TINY_SDXL_TEXT = dict(CLIP_TEXT)
+
+TINY_SDXL_TEXT_2 = dict(
+    CLIP_TEXT, architectures=["CLIPTextModelWithProjection"],
+    hidden_act="gelu", pad_token_id=0)
+
 # ------------------------------------------------ published configurations
 # The config.json values of the published Stable Diffusion checkpoints, for
 # building their shapes without a download (abstract models: ahead-of-time
@@ -191,6 +214,30 @@ SD_VAE = {
     "sample_size": 512, "scaling_factor": 0.18215,
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0: a 3-level U-Net (2,567,463,684
+# parameters) reading both text encoders' penultimate states side by side
+# (768 + 1280 = 2048) and, added to the time embedding, the second encoder's
+# projected pooled output with 6 time ids x 256 sinusoids (1280 + 1536).
+SDXL_UNET = dict(
+    _SD_UNET_BLOCKS, sample_size=128,
+    down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+    up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+    block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+    transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+    use_linear_projection=True, upcast_attention=None,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+# The first text encoder is SD 1.x's CLIP ViT-L/14 text model.
+SDXL_TEXT = dict(SD14_TEXT)
+# OpenCLIP ViT-bigG/14 text, a CLIPTextModelWithProjection (694,659,840).
+SDXL_TEXT_2 = {"vocab_size": 49408, "hidden_size": 1280,
+               "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "max_position_embeddings": 77,
+               "hidden_act": "gelu", "projection_dim": 1280}
+# SD's VAE retrained: its own latent scale, and it overflows in float16.
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025,
+                force_upcast=True)
+
 # Hub id -> {"unet", "text_encoder", "vae"} configs.
 PUBLISHED = {
     "CompVis/stable-diffusion-v1-4": {
@@ -203,3 +250,66 @@ PUBLISHED = {
         "unet": SD21_UNET, "text_encoder": SD21_TEXT,
         "vae": dict(SD_VAE, sample_size=768)},
 }
+
+# ------------------------------------------------ ALIGN (kakaobrain/align-base)
+# config.json of kakaobrain/align-base: BERT-base text (bert-base-uncased) and
+# an EfficientNet-B7 image tower; 172,117,841 parameters. As written by
+# transformers' ALIGN conversion script: EfficientNet-B7 with image_size 289
+# and hidden_dim 640 (only the pooling window: a global mean).
+ALIGN_BASE = {
+    "model_type": "align",
+    "architectures": ["AlignModel"],
+    "projection_dim": 640,
+    "temperature_init_value": 1.0,
+    "text_config": {
+        "model_type": "align_text_model", "vocab_size": 30522,
+        "hidden_size": 768, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "intermediate_size": 3072,
+        "hidden_act": "gelu", "max_position_embeddings": 512,
+        "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0},
+    "vision_config": {
+        "model_type": "align_vision_model", "num_channels": 3,
+        "image_size": 289, "width_coefficient": 2.0,
+        "depth_coefficient": 3.1, "depth_divisor": 8,
+        "kernel_sizes": [3, 3, 5, 3, 5, 5, 3],
+        "in_channels": [32, 16, 24, 40, 80, 112, 192],
+        "out_channels": [16, 24, 40, 80, 112, 192, 320],
+        "depthwise_padding": [], "strides": [1, 2, 2, 2, 1, 2, 1],
+        "num_block_repeats": [1, 2, 2, 3, 3, 4, 1],
+        "expand_ratios": [1, 6, 6, 6, 6, 6, 6],
+        "squeeze_expansion_ratio": 0.25, "hidden_act": "swish",
+        "hidden_dim": 640, "pooling_type": "mean", "batch_norm_eps": 1e-3},
+}
+# Its preprocessor_config.json: a 346 px square bilinear resize, a 289 px
+# center crop, pixels / 127.5 - 1, no mean/std normalisation.
+ALIGN_PROCESSOR = {
+    "image_processor_type": "EfficientNetImageProcessor",
+    "do_resize": True, "size": {"height": 346, "width": 346}, "resample": 2,
+    "do_center_crop": True, "crop_size": {"height": 289, "width": 289},
+    "do_rescale": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
+    "do_normalize": False, "include_top": False,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
+# A tiny ALIGN: the BERT vocabulary (so the real tokenizer fits), 2 text
+# layers, and 4 EfficientNet blocks (expansion, both stride-2 paddings, a
+# residual) ending in 16 channels, the projection width.
+ALIGN_TINY = {
+    "model_type": "align",
+    "architectures": ["AlignModel"],
+    "projection_dim": 16,
+    "temperature_init_value": 1.0,
+    "text_config": {
+        "model_type": "align_text_model", "vocab_size": 30522,
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64},
+    "vision_config": {
+        "model_type": "align_vision_model", "image_size": 32,
+        "width_coefficient": 0.25, "depth_coefficient": 0.5,
+        "kernel_sizes": [3, 5, 3], "in_channels": [32, 16, 24],
+        "out_channels": [16, 24, 40], "strides": [1, 2, 2],
+        "num_block_repeats": [1, 2, 3], "expand_ratios": [1, 6, 6],
+        "depthwise_padding": [2], "hidden_dim": 64},
+}
+ALIGN_TINY_PROCESSOR = dict(
+    ALIGN_PROCESSOR, size={"height": 40, "width": 40},
+    crop_size={"height": 32, "width": 32})

@@ -1,16 +1,20 @@
-"""The SD 1.x/2.x U-Net: a port of diffusers' ``UNet2DConditionModel``.
+"""The SD 1.x/2.x and SDXL U-Net: a port of diffusers' ``UNet2DConditionModel``.
 
 Tensors are NHWC: ``unet(latents_bhwc, timesteps_b, text_btd)`` returns the
-noise (or v) prediction as ``(b, h, w, out_channels)``. Parameter paths are
+noise (or v) prediction as ``(b, h, w, out_channels)``; an SDXL U-Net also
+takes its added conditioning, ``text_embeds=`` (the pooled text embedding) and
+``time_ids=`` (original size, crop top-left, target size). Parameter paths are
 diffusers' state-dict keys (see ``checkpoint``), so diffusers checkpoints load
 and ``save_pretrained`` output loads back in diffusers.
 
-The config covers every SD 1.x/2.x checkpoint: per-block or shared
+The config covers every SD 1.x/2.x and SDXL checkpoint: per-block or shared
 ``attention_head_dim`` (which diffusers, for historical reasons, uses as the
-number of heads), Linear or 1x1-conv transformer projections, 768/1024-wide
-text, ``upcast_attention``, any number of ``CrossAttn``/plain down and up
-blocks. Fields for other U-Nets (SDXL's added embeddings, class labels, ...)
-are rejected with a ``UserError`` when set to anything but their default.
+number of heads), Linear or 1x1-conv transformer projections, 768/1024/2048-
+wide text, ``upcast_attention``, per-block transformer depths, any number of
+``CrossAttn``/plain down and up blocks, and SDXL's ``text_time`` added
+embedding. Fields for other U-Nets (class labels, other added embeddings,
+per-layer transformer depths, ...) are rejected with a ``UserError`` when set
+to anything but their default.
 """
 
 import dataclasses
@@ -44,9 +48,7 @@ _UNSUPPORTED = {
     "num_attention_heads": None, "only_cross_attention": False,
     "mid_block_only_cross_attention": None, "dual_cross_attention": False,
     "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None,
@@ -55,11 +57,13 @@ _UNSUPPORTED = {
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
     "dropout": 0.0,
 }
+# addition_embed_type values this port implements: none (SD 1.x/2.x) and SDXL's.
+_ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
 class UNet2DConditionConfig:
-  """An SD 1.x/2.x U-Net's ``config.json``: diffusers' names and defaults."""
+  """A U-Net's ``config.json``: diffusers' names and defaults."""
 
   sample_size: int | None = None  # Latent side length (metadata only).
   in_channels: int = 4  # Latent channels in.
@@ -88,6 +92,9 @@ class UNet2DConditionConfig:
   upcast_attention: bool = False  # float32 attention logits (SD 2.1 768).
   conv_in_kernel: int = 3  # Kernel of conv_in.
   conv_out_kernel: int = 3  # Kernel of conv_out.
+  addition_embed_type: str | None = None  # "text_time": SDXL's added embedding.
+  addition_time_embed_dim: int | None = None  # Sinusoid width per time id.
+  projection_class_embeddings_input_dim: int | None = None  # Pooled + time ids.
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> "UNet2DConditionConfig":
@@ -104,10 +111,12 @@ class UNet2DConditionConfig:
       if value != default:
         raise UserError(
             f"UNet config field {key}={value!r} is not supported (only SD 1.x/"
-            f"2.x U-Nets are); expected {default!r}")
+            f"2.x and SDXL U-Nets are); expected {default!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v
               for k, v in config.items() if k in names}
+    if kwargs.get("upcast_attention", False) is None:
+      kwargs["upcast_attention"] = False  # SDXL writes null: diffusers' False.
     out = cls(**kwargs)
     out.validate()
     return out
@@ -156,6 +165,19 @@ class UNet2DConditionConfig:
     if not isinstance(self.norm_num_groups, int):
       raise UserError("UNet config: norm_num_groups must be an integer, got "
                       f"{self.norm_num_groups!r}")
+    if self.addition_embed_type not in _ADDITION_EMBED_TYPES:
+      raise UserError(
+          f"UNet config field addition_embed_type={self.addition_embed_type!r}"
+          f" is not supported; expected one of {_ADDITION_EMBED_TYPES}")
+    if self.addition_embed_type == "text_time" and not all(
+        isinstance(v, int) and v > 0 for v in (
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim)):
+      raise UserError(
+          "UNet config: addition_embed_type='text_time' needs positive integer "
+          "addition_time_embed_dim and projection_class_embeddings_input_dim "
+          f"(SDXL: 256 and 2816), got {self.addition_time_embed_dim!r} and "
+          f"{self.projection_class_embeddings_input_dim!r}")
 
 
 def timestep_embedding(timesteps_b: jax.Array, dim: int, *,
@@ -246,6 +268,12 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_in = layers.conv(config.in_channels, channels[0],
                                config.conv_in_kernel, **kw)
     self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, **kw)
+    # SDXL: pooled text + sinusoids of the time ids, added to the time
+    # embedding (diffusers' ``add_time_proj`` has no parameters).
+    self.add_embedding = (
+        TimestepEmbedding(config.projection_class_embeddings_input_dim,
+                          time_embed_dim, **kw)
+        if config.addition_embed_type == "text_time" else None)
 
     down = []
     for i, block_type in enumerate(config.down_block_types):
@@ -277,7 +305,9 @@ class UNet2DConditionModel(nnx.Module):
                                 config.conv_out_kernel, **kw)
 
   def __call__(self, sample_bhwc: jax.Array, timesteps_b: jax.Array | float,
-               encoder_hidden_states_btd: jax.Array) -> jax.Array:
+               encoder_hidden_states_btd: jax.Array, *,
+               text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None) -> jax.Array:
     """Predicts the noise (or v) for noisy latents.
 
     Args:
@@ -286,9 +316,17 @@ class UNet2DConditionModel(nnx.Module):
         diffusers).
       timesteps_b: a scalar or ``(b,)`` timesteps, int or float.
       encoder_hidden_states_btd: text features ``(b, t, cross_attention_dim)``.
+      text_embeds: SDXL only (``addition_embed_type="text_time"``): the pooled
+        (projected) text embedding ``(b, d)``.
+      time_ids: SDXL only: ``(b, 6)`` (or one row for all) original height and
+        width, crop top and left, target height and width, in pixels.
 
     Returns:
       ``(b, h, w, out_channels)`` in the compute dtype.
+
+    Raises:
+      ValueError: ``text_embeds``/``time_ids`` missing for an SDXL U-Net,
+        given to one without an added embedding, or of the wrong width.
     """
     config = self.config
     x = sample_bhwc.astype(self.dtype)
@@ -300,6 +338,12 @@ class UNet2DConditionModel(nnx.Module):
         timesteps_b, config.block_out_channels[0],
         flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift)
     temb = self.time_embedding(t_emb.astype(self.dtype))
+    if self.add_embedding is not None:
+      temb = temb + self.add_embedding(
+          self._added_features(text_embeds, time_ids).astype(self.dtype))
+    elif text_embeds is not None or time_ids is not None:
+      raise ValueError("text_embeds/time_ids were given, but this U-Net has no "
+                       "added embedding (its addition_embed_type is None)")
 
     # Activations stay split by batch under a sharded step (no-ops otherwise).
     x = layers.constrain_batch(self.conv_in(x))
@@ -321,6 +365,37 @@ class UNet2DConditionModel(nnx.Module):
 
     x = nnx.silu(self.conv_norm_out(x))
     return self.conv_out(x)
+
+  def _added_features(self, text_embeds_bd: jax.Array | None,
+                      time_ids_bk: jax.Array | None) -> jax.Array:
+    """``[pooled text, sinusoids of each time id]``: ``add_embedding``'s input.
+
+    The time ids use the time embedding's ``flip_sin_to_cos``/``freq_shift``,
+    as diffusers' ``add_time_proj`` does.
+    """
+    config = self.config
+    if text_embeds_bd is None or time_ids_bk is None:
+      raise ValueError(
+          "this SDXL U-Net (addition_embed_type='text_time') needs "
+          "text_embeds=(b, d) pooled text embeddings and time_ids=(b, 6) "
+          "(original size, crop top-left, target size)")
+    text_embeds_bd = jnp.asarray(text_embeds_bd, jnp.float32)
+    b = text_embeds_bd.shape[0]
+    time_ids_bk = jnp.asarray(time_ids_bk)
+    time_ids_bk = jnp.broadcast_to(time_ids_bk, (b, time_ids_bk.shape[-1]))
+    width = config.addition_time_embed_dim
+    time_features = timestep_embedding(
+        time_ids_bk.reshape(-1), width, flip_sin_to_cos=config.flip_sin_to_cos,
+        freq_shift=config.freq_shift).reshape(b, -1)
+    features = jnp.concatenate([text_embeds_bd, time_features], axis=-1)
+    if features.shape[-1] != config.projection_class_embeddings_input_dim:
+      raise ValueError(
+          f"text_embeds ({text_embeds_bd.shape[-1]} wide) and "
+          f"{time_ids_bk.shape[-1]} time ids x {width} make "
+          f"{features.shape[-1]} features, but this U-Net's "
+          "projection_class_embeddings_input_dim is "
+          f"{config.projection_class_embeddings_input_dim}")
+    return features
 
   @classmethod
   def from_pretrained(cls, path_or_hub_id: str | os.PathLike,

@@ -38,14 +38,10 @@ def main() -> None:
   parser.add_argument("--devices", type=int, default=1)
   parser.add_argument("--jobs", required=True, help="JSON list of jobs.")
   args = parser.parse_args()
-  # Less LLVM optimisation: these programs run a few steps, so compiling
-  # dominates; both sides of every comparison compile the same way.
-  os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={args.devices} "
-      "--xla_backend_optimization_level=0 "
-      "--xla_llvm_disable_expensive_passes=true "
-      "--xla_cpu_use_fusion_emitters=false")
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  # Both sides of every comparison compile the same way (tests/xla_env.py).
+  sys.path.insert(0, str(REPO / "tests"))
+  import xla_env  # pylint: disable=g-import-not-at-top
+  os.environ.update(xla_env.env(args.devices))
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np

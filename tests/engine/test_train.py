@@ -2,8 +2,8 @@
 
 Every run is a tiny DreamBooth training in a subprocess (``_run_tiny.py``): the
 CPU device count is fixed when jax is imported, and a resumed run must start in
-a new process. All runs share one module fixture and a persistent compilation
-cache, so the whole file compiles the train step five times (one per mesh, and
+a new process. All runs share one module fixture and the session's compilation
+cache (``tests/xla_env.py``), so the whole file compiles the train step five times (one per mesh, and
 the LoRA step on one device and under FSDP).
 """
 
@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.models import checkpoint
+import xla_env
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TINY = Path(__file__).with_name("_run_tiny.py")
@@ -63,21 +64,13 @@ LORA = {**BASE, "trainable": [r"^unet\."],
 # to float32 precision.
 RELATIVE_TOLERANCE = 1e-5
 COMPONENT_TOLERANCE = 0.5 * LEARNING_RATE  # half an Adam step.
-# Compiling dominates one forward pass; see tests/models/test_unet.py.
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
 
 
-def _start(devices: int, jobs: list[dict], cache: Path) -> subprocess.Popen:
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             PYTHONPATH=str(REPO))
+def _start(devices: int, jobs: list[dict]) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, str(RUN_TINY), f"--devices={devices}",
        f"--jobs={json.dumps(jobs)}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      cwd=REPO, env=xla_env.env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
 
 
@@ -99,7 +92,6 @@ def runs(tmp_path_factory):
   tests/test_faults.py.)
   """
   tmp = tmp_path_factory.mktemp("train")
-  cache = tmp / "compilation_cache"
   w = types.SimpleNamespace(straight=tmp / "straight", lora=tmp / "lora",
                             lora_fsdp4=tmp / "lora_fsdp4",
                             **{name: tmp / name for name in MESHES})
@@ -109,12 +101,12 @@ def runs(tmp_path_factory):
        "overrides": {**BASE, **mesh, "num_steps": 3}}
       for name, mesh in MESHES.items()] + [
           {"workdir": str(w.lora_fsdp4), **lora,
-           "overrides": {**LORA, **MESHES["fsdp4"], "num_steps": 3}}], cache)
+           "overrides": {**LORA, **MESHES["fsdp4"], "num_steps": 3}}])
   w.straight_run, w.lora_run = _finish(_start(1, [
       {"workdir": str(w.straight), "overrides": {**BASE, "num_steps": 3},
        "dump_steps": [1, 3]},
       {"workdir": str(w.lora), **lora,
-       "overrides": {**LORA, "num_steps": 3}}], cache))["runs"]
+       "overrides": {**LORA, "num_steps": 3}}]))["runs"]
   w.sharded = _finish(sharded)
   return w
 
@@ -194,7 +186,7 @@ def test_export_loads_in_diffusers_with_the_same_unet(runs):
   graphdef, state = nnx.split(ours.unet)
   forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
   mine = np.asarray(forward.lower(state, x_bhwc, t, context).compile(
-      FAST_COMPILE)(state, x_bhwc, t, context))
+      xla_env.FAST_COMPILE)(state, x_bhwc, t, context))
   assert np.abs(mine - theirs).max() / np.abs(theirs).max() < 1e-4
   assert json.loads((export / "train_config.json").read_text())[
       "num_steps"] == 3
@@ -322,7 +314,7 @@ def test_lora_export_loads_in_diffusers_and_computes_ours(runs, tmp_path):
   graphdef, state = nnx.split(ours.unet)
   forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
   mine = np.asarray(forward.lower(state, x_bhwc, t, context).compile(
-      FAST_COMPILE)(state, x_bhwc, t, context))
+      xla_env.FAST_COMPILE)(state, x_bhwc, t, context))
   assert np.abs(mine - theirs).max() / np.abs(theirs).max() < 1e-4
   mine_text = np.asarray(ours.text_encoder(ids))
   assert (np.abs(mine_text - theirs_text).max()

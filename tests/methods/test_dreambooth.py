@@ -17,13 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dreambooth_tpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import xla_env  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PRIOR_WEIGHT = 0.5
 NUM_CLASS_IMAGES = 3
-# Compiling dominates these few steps; see tests/models/test_unet.py.
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
 
 
 def _config(class_dir: Path, **dreambooth_overrides):
@@ -83,7 +80,7 @@ def overfit(setup):
     return optax.apply_updates(params, updates), opt_state, dict(metrics,
                                                                  loss=loss)
 
-  step = step.lower(params, tx.init(params)).compile(FAST_COMPILE)
+  step = step.lower(params, tx.init(params)).compile(xla_env.FAST_COMPILE)
   opt_state, history = tx.init(params), []
   for _ in range(20):
     params, opt_state, metrics = step(params, opt_state)

@@ -34,6 +34,7 @@ from personalize_jax.models.unet import UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL
 
 import recipes
+import xla_env
 
 REPO = Path(__file__).resolve().parents[2]
 LATENT = 8  # the tiny VAE's latent side (64 px images)
@@ -422,11 +423,7 @@ def cli_runs(tmp_path_factory, class_images):
   """
   tmp = tmp_path_factory.mktemp("cli")
   # Two steps each: less LLVM optimisation compiles faster than it runs slower.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(tmp / "compilation_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+  env = xla_env.env()
   out = {}
   for recipe in RECIPES:
     name, _, variant = recipe.partition(":")

@@ -24,16 +24,13 @@ from personalize_jax.models.unet import UNet2DConditionModel
 from personalize_jax.pipeline import load_stable_diffusion
 
 import recipes
+import xla_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "rpo_tpu.py"
-# The tiny trainings here run for seconds and compile for tens of seconds:
-# compiling without XLA's backend optimisations saves about a third.
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 
 
 def _config(arg=None):
@@ -252,7 +249,7 @@ def test_implicit_accuracy_rises_with_labels_fixed_to_one():
 
   opt_state, acc = tx.init(params), []
   step = jax.jit(step).lower(params, opt_state, jax.random.key(0)).compile(
-      compiler_options=FAST_COMPILE)
+      compiler_options=xla_env.FAST_COMPILE)
   for i in range(24):
     params, opt_state, metrics = step(params, opt_state, jax.random.key(i))
     acc.append(float(metrics["pref/implicit_acc"]))
@@ -361,8 +358,7 @@ def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
 def cli_run(tmp_path_factory):
   """The tiny recipe through ``main``, evaluated every 2 steps, patience 2."""
   workdir = tmp_path_factory.mktemp("rpo") / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-      f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()))
+  env = xla_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "personalize_jax.main",
        f"--config={RECIPE}:tiny", f"--workdir={workdir}",

@@ -160,17 +160,7 @@ def test_gradients_match_torch_autograd_with_remat(cases):
   torch_model.zero_grad()
   pred = _torch_forward(torch_model, case["x"], case["t"], case["context"])
   torch.mean((pred - torch.from_numpy(case["target"])) ** 2).backward()
-  torch_params = dict(torch_model.named_parameters())
-  flat = list(nnx.to_flat_state(case["grads"]))
-  assert len(flat) == len(torch_params)
-  for path, value in flat:
-    key = checkpoint.torch_key(path)
-    ours = checkpoint.to_torch_layout(path, np.asarray(value.get_value()))
-    ref = torch_params[key].grad.numpy()
-    assert np.isfinite(ours).all(), key
-    scale = np.abs(ref).max()
-    assert scale > 0, key
-    assert np.abs(ours - ref).max() <= 1e-3 * scale, key
+  torch_reference.assert_grads_match(case["grads"], torch_model, tol=1e-3)
 
 
 def test_bf16_compute_is_close_to_fp32(cases):
