@@ -1,5 +1,8 @@
 """Errors a user can cause, reported at the edge in one line."""
 
+import sys
+from typing import NoReturn
+
 
 class UserError(Exception):
   """A problem with something the user supplied (a path, a file, a config value).
@@ -11,3 +14,9 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
   """A checkpoint folder or file that cannot be loaded as asked."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+  """How an entry point ends on a user's mistake: one line, a non-zero exit."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)

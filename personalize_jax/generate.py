@@ -32,7 +32,7 @@ import personalize_jax
 from personalize_jax import diffusion, eval_dreambench, grids
 from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.engine import sharding
-from personalize_jax.errors import UserError
+from personalize_jax.errors import UserError, fail
 from personalize_jax.models import checkpoint, lora_files, presets
 from personalize_jax.models import tokenizer as tokenizer_lib
 
@@ -198,10 +198,7 @@ def _grid(title: str, prompts, rows, resolution: int) -> np.ndarray:
   column = grids.Column(title=title, scores={}, rows=rows)
   picture, _ = grids.labeled_grid([], prompts, [column],
                                   thumb=min(resolution, 256))
-  # labeled_grid always heads the picture with a (here empty) row of subject
-  # photos, ruled off in grey across the whole width: cut it off.
-  rule = np.flatnonzero((picture == 128).all(axis=(1, 2)))[0]
-  return picture[rule + 1:]
+  return picture
 
 
 def _write(folder: Path, s: Settings, rows, prompts, record: dict) -> None:
@@ -273,29 +270,24 @@ def run(s: Settings, progress: bool = True) -> Path:
   return out
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _parse(argv):
   """absl parsing whose errors are one line and exit code 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).strip().splitlines()[0])
+    fail(str(e).strip().splitlines()[0])
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected argument {argv[1]!r}; every setting is a --flag=value "
+    fail(f"unexpected argument {argv[1]!r}; every setting is a --flag=value "
           "(quote prompts with spaces: --prompt=\"a photo of a dog\")")
   s = settings_from_flags()
   start = time.time()
   try:
     out = run(s)
   except UserError as e:
-    _fail(str(e))
+    fail(str(e))
   n = s.num_images * len(s.prompt)
   print(f"generated {n} image{'s' * (n > 1)} ({len(s.prompt)} prompt"
         f"{'s' * (len(s.prompt) > 1)} x {s.num_images}) in "

@@ -66,7 +66,7 @@ def labeled_grid(references: Sequence[np.ndarray], prompts: Sequence[str],
   """The photos, then per prompt its text and every column's images.
 
   Args:
-    references: the subject's photos.
+    references: the subject's photos (none: no photo row).
     prompts: one text per row of every column.
     columns: the models, left to right.
     thumb: side of every image in the picture.
@@ -107,14 +107,14 @@ def labeled_grid(references: Sequence[np.ndarray], prompts: Sequence[str],
         lines.append(item)
     return lines
 
-  # Rows, top to bottom: the photos, a rule, each column's title and scores,
-  # then one row per prompt.
+  # Rows, top to bottom: the photos and a rule (none without photos), each
+  # column's title and scores, then one row per prompt.
   per_row = max(1, (width - label_w) // thumb)
   photo_label = text_lines(f"subject photos ({len(references)})", label_w)
   photos_h = max(-(-len(references) // per_row) * thumb, text_h(photo_label))
   heads = [text_lines(c.title, block_w) + score_lines(c.scores)
            for c in columns]
-  heads_top = photos_h + gap
+  heads_top = photos_h + gap if len(references) else 0
   top = heads_top + max(text_h(h) for h in heads)
   prompt_labels = [text_lines(p, label_w) for p in prompts]
   row_h = [max(thumb, text_h(lab)) for lab in prompt_labels]
@@ -133,12 +133,13 @@ def labeled_grid(references: Sequence[np.ndarray], prompts: Sequence[str],
       draw.text((label_left + pad, label_top + pad + j * line), text,
                 fill="black", font=font)
 
-  label(photo_label, 0, 0)
+  if len(references):
+    label(photo_label, 0, 0)
+    draw.line([(0, photos_h + gap // 2), (width, photos_h + gap // 2)],
+              fill="gray")
   for i, image in enumerate(references):
     row, col = divmod(i, per_row)
     layout["photos"].append(paste(image, row * thumb, label_w + col * thumb))
-  draw.line([(0, photos_h + gap // 2), (width, photos_h + gap // 2)],
-            fill="gray")
   for head, left in zip(heads, lefts):
     label(head, heads_top, left)
   for p, lines in enumerate(prompt_labels):

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from personalize_jax.errors import UserError
+from personalize_jax.errors import UserError, fail
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: path.py:tiny.",
@@ -40,11 +40,6 @@ _PROCESS_ID = flags.DEFINE_integer(
     "(default: detected).")
 
 
-def _fail(message: str, code: int = 2):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
 def _parse(argv):
   """absl parsing whose errors are one line and exit code 2."""
   try:
@@ -53,7 +48,7 @@ def _parse(argv):
     # A recipe that raises arrives with its traceback: keep the flag and the
     # exception's own line.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(lines[0] if len(lines) == 1
+    fail(lines[0] if len(lines) == 1
           else f"{lines[0].split(': ')[0]}: {lines[-1]}")
   except (KeyError, AttributeError) as e:
     # config_flags reports an unknown key as a bare "'key'": name the flag.
@@ -61,11 +56,11 @@ def _parse(argv):
     flag = next((a.split("=")[0] for a in argv[1:]
                  if a.startswith("--config.") and key in a.split("=")[0]
                  .split(".")), f"--config.{key}")
-    _fail(f"{flag}: the config has no key {key!r}; check its spelling against "
+    fail(f"{flag}: the config has no key {key!r}; check its spelling against "
           "the recipe file and personalize_jax/engine/config.py")
   except (ValueError, TypeError) as e:
     # config_flags reports bad override types and recipe errors this way.
-    _fail(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+    fail(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
 
 
 def _quiet_orbax(record) -> bool:
@@ -77,12 +72,12 @@ def main(argv) -> None:
   del argv
   logging.get_absl_logger().addFilter(_quiet_orbax)
   if _CONFIG.value is None or not _WORKDIR.value:
-    _fail("pass --config=configs/<recipe>.py[:variant] and --workdir=DIR")
+    fail("pass --config=configs/<recipe>.py[:variant] and --workdir=DIR")
   try:
     _CONFIG.value.get("method")
   except OSError as e:
     # config_flags defers a config file that failed to load to first use.
-    _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+    fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
   from personalize_jax.engine import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.check_flags(_DISTRIBUTED.value, _COORDINATOR.value,
@@ -91,7 +86,7 @@ def main(argv) -> None:
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                              _PROCESS_ID.value)
   except UserError as e:
-    _fail(str(e))
+    fail(str(e))
   # Imported after joining: no device may be touched before that.
   from personalize_jax import methods  # pylint: disable=g-import-not-at-top
   from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
@@ -99,9 +94,9 @@ def main(argv) -> None:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                        methods.get(_CONFIG.value.method))
   except UserError as e:
-    _fail(str(e))
+    fail(str(e))
   except train.TrainingStopped as e:
-    _fail(str(e), code=1)
+    fail(str(e), code=1)
   if summary.stopped_by:
     print(f"stopped by {summary.stopped_by} at step {summary.steps}; the "
           "checkpoint is saved: run the same command again to resume")

@@ -84,3 +84,22 @@ def test_wrap_text_fits_the_width_and_keeps_every_word():
   assert " ".join(lines) == text
   # A word wider than the width is split, not dropped.
   assert "".join(grids.wrap_text("x" * 60, font, 50)) == "x" * 60
+
+
+def test_without_photos_the_picture_starts_at_the_column_heads():
+  """No photos: no photo row and no rule; the rest moves up, unchanged."""
+  images = _solids(5)
+  column = grids.Column(title="tiny", scores={}, rows=[images[1:3],
+                                                       images[3:5]])
+  prompts = ["a mug", "a mug on the beach"]
+  with_photo, with_layout = grids.labeled_grid(images[:1], prompts, [column],
+                                               THUMB)
+  without, layout = grids.labeled_grid([], prompts, [column], THUMB)
+  assert layout["photos"] == []
+  shift = with_layout["columns"][0][0][0] - layout["columns"][0][0][0]
+  assert shift > THUMB  # the photo row, its label and the gap.
+  assert [(t + shift, l) for t, l in layout["columns"][0]] == (
+      with_layout["columns"][0])
+  np.testing.assert_array_equal(without, with_photo[shift:])
+  rule = lambda picture: (picture == 128).all(axis=(1, 2)).any()
+  assert rule(with_photo) and not rule(without)
