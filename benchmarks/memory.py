@@ -61,8 +61,23 @@ SCENARIOS = {
                         "one 80 GiB GPU, batch 1"),
     "tiny-fsdp4": Scenario(4, 4, 4, 16.0, "tiny", "smoke test"),
 }
-# Parameters of the fp32 models that stay on device 0 (README counts).
+# Parameters of the fp32 reward models that stay on device 0 (README counts;
+# ALIGN: align-base, tests/models/test_align.py).
 CLIP_B32_PARAMS = 151_277_313
+ALIGN_BASE_PARAMS = 172_117_841
+
+
+def reward_model_params(name: str, full_size: bool) -> int:
+  """Parameters of RPO's reward model ``name`` (``rpo.reward_model``)."""
+  # pylint: disable=g-import-not-at-top
+  from personalize_jax import rewards
+  from personalize_jax.models import AlignModel, checkpoint
+  family, model = rewards.image_text_model(name)
+  if full_size:
+    return ALIGN_BASE_PARAMS if family == "align" else CLIP_B32_PARAMS
+  module = (AlignModel.from_pretrained(model) if family == "align"
+            else rewards.HarmonicReward.from_pretrained(model).clip)
+  return checkpoint.count_params(module)
 
 
 def run_scenario(name: str, args) -> list[dict]:
@@ -72,7 +87,6 @@ def run_scenario(name: str, args) -> list[dict]:
   import jax.numpy as jnp
   import numpy as np
   import common
-  from personalize_jax import rewards
   from personalize_jax.engine import sharding
   from personalize_jax.models import attention, checkpoint
   # pylint: enable=g-import-not-at-top
@@ -110,10 +124,8 @@ def run_scenario(name: str, args) -> list[dict]:
           sized(pipe.text_encoder)),
   }
   if args.method == "rpo":
-    residents["reward_clip_b32_fp32"] = (
-        4 * CLIP_B32_PARAMS if shape.full_size
-        else 4 * checkpoint.count_params(rewards.HarmonicReward.from_pretrained(
-            config.rpo.reward_model).clip))
+    residents["reward_model_fp32"] = 4 * reward_model_params(
+        config.rpo.reward_model, shape.full_size)
   resident = sum(residents.values())
 
   # Validation: DDIM with guidance, then the VAE decode, as engine.evaluate.

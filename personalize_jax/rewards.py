@@ -9,16 +9,18 @@ validation and evaluation alike:
     grad-friendly; given NumPy arrays they run on the host in float64.
   * the DreamBench scores of a subject (DINO, CLIP-I, CLIP-T, H(lam)) and of
     its photos against each other, built on that maths.
-  * ``Embedder``: DINO or CLIP embeddings of uint8 images (and CLIP's of
-    prompts, read without the unique token) on the host, batched and jitted.
+  * ``Embedder``: DINO, CLIP or ALIGN embeddings of uint8 images (and CLIP's
+    or ALIGN's of prompts, read without the unique token) on the host,
+    batched and jitted. RPO's rewards and validation measure ALIGN-I and
+    ALIGN-T with one of these, named by a config value
+    (``IMAGE_TEXT_MODELS``, or a CLIP or ALIGN folder): ALIGN
+    (``kakaobrain/align-base``), the RPO paper's choice, or a CLIP.
   * two ``nnx`` reward modules, differentiable end to end from images in
     [-1, 1]:
-      ``HarmonicReward`` (RPO): the lambda-Harmonic mean of an image-alignment
+      ``HarmonicReward``: the lambda-Harmonic mean of an image-alignment
       score ALIGN-I (to the reference images) and a text-alignment score
-      ALIGN-T (to the prompt), both cosine similarities mapped to [0, 1].
-      The RPO paper measures them with Google's ALIGN model, which has no Flax
-      port (or public weights in a supported layout); CLIP stands in for it,
-      its size chosen by a config value (``CLIP_VARIANTS``).
+      ALIGN-T (to the prompt), both cosine similarities mapped to [0, 1],
+      measured with a CLIP (``CLIP_VARIANTS``).
       ``DinoReward``: ``r = -(1 - cos(dino(image), dino(reference)))``
       averaged over the references.
 """
@@ -26,6 +28,7 @@ validation and evaluation alike:
 import functools
 import itertools
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -34,8 +37,11 @@ import numpy as np
 from flax import nnx
 
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.models import image_processor, presets
+from personalize_jax.errors import CheckpointError
+from personalize_jax.models import (align_processor, checkpoint,
+                                    image_processor, presets)
 from personalize_jax.models import tokenizer as tokenizer_lib
+from personalize_jax.models.align import AlignModel
 from personalize_jax.models.clip import CLIPModel
 from personalize_jax.models.vit import ViTModel
 
@@ -45,6 +51,16 @@ CLIP_VARIANTS = {
     "b16": "openai/clip-vit-base-patch16",
     "l14": "openai/clip-vit-large-patch14",
 }
+DEFAULT_ALIGN = "kakaobrain/align-base"
+# The image-text models ALIGN-I and ALIGN-T can be measured with, by config
+# name: (family, folder or Hub id). "tiny" and "align-tiny" are random.
+IMAGE_TEXT_MODELS = {
+    **{name: ("clip", hub_id) for name, hub_id in CLIP_VARIANTS.items()},
+    "align": ("align", DEFAULT_ALIGN),
+    presets.TINY: ("clip", presets.TINY),
+    "align-tiny": ("align", presets.TINY),
+}
+IMAGE_TEXT_FAMILIES = ("clip", "align")  # config.json model_type of each
 DEFAULT_DINO = "facebook/dino-vits16"
 _EPS = 1e-8
 # Embeddings and scores: on the device (float32) or on the host (float64).
@@ -193,6 +209,50 @@ def clip_model_id(variant: str) -> str:
   return CLIP_VARIANTS.get(variant, variant)
 
 
+def image_text_model(name: str | os.PathLike) -> tuple[str, str]:
+  """``(family, model)`` of an image-text model: ``clip`` or ``align``.
+
+  Args:
+    name: a name of ``IMAGE_TEXT_MODELS``, or a folder or Hub id (downloaded)
+      whose ``config.json`` ``model_type`` says the family.
+
+  Returns:
+    The family and what its ``from_pretrained`` loads (a folder, a Hub id's
+    local copy, or ``tiny``).
+
+  Raises:
+    CheckpointError: no such folder or Hub id, or a checkpoint of another
+      family.
+  """
+  if str(name) in IMAGE_TEXT_MODELS:
+    return IMAGE_TEXT_MODELS[str(name)]
+  folder = checkpoint.resolve_pretrained(name)
+  path = folder / "config.json"
+  family = checkpoint.read_json(path).get("model_type")
+  if family not in IMAGE_TEXT_FAMILIES:
+    raise CheckpointError(
+        f"{path} has model_type {family!r}: not an image-text model; pass a "
+        f"transformers CLIP ('clip') or ALIGN ('align') checkpoint folder")
+  return family, str(folder)
+
+
+def is_image_text_model(name: str) -> bool:
+  """Whether ``name`` can be an image-text model, judged without loading it.
+
+  True for a name of ``IMAGE_TEXT_MODELS``, a CLIP or ALIGN folder, and a
+  string shaped like a Hub id (``owner/name``, checked when it loads).
+
+  Raises:
+    CheckpointError: a folder of another family, or without ``config.json``.
+  """
+  if name in IMAGE_TEXT_MODELS:
+    return True
+  if Path(name).expanduser().is_dir():
+    image_text_model(name)
+    return True
+  return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def _load_dino(path_or_hub_id: str | os.PathLike, **kwargs
                ) -> tuple[ViTModel, image_processor.ImageProcessor]:
   """A DINO ViT and its processor (``tiny``: the random preset)."""
@@ -245,12 +305,11 @@ class DinoReward(nnx.Module):
 
 
 class HarmonicReward(nnx.Module):
-  """The lambda-Harmonic reward with CLIP standing in for ALIGN.
+  """The lambda-Harmonic reward measured with a CLIP, differentiable.
 
-  RPO scores images with Google's ALIGN model; ALIGN has no Flax port and no
-  weights in a layout this package loads, so CLIP's image and text towers
-  measure ALIGN-I and ALIGN-T instead. Which CLIP is a config choice:
+  CLIP's image and text towers measure ALIGN-I and ALIGN-T. Which CLIP:
   ``b32`` (default, openai/clip-vit-base-patch32), ``b16`` or ``l14``.
+  (RPO's host-side rewards may also use ALIGN: ``Embedder.image_text``.)
   """
 
   def __init__(self, clip: CLIPModel,
@@ -311,27 +370,52 @@ def _clip_text(clip: CLIPModel, ids_bt: jax.Array) -> jax.Array:
   return clip.get_text_features(ids_bt)
 
 
+def _align_image(align: AlignModel, pixels_bhwc: jax.Array) -> jax.Array:
+  return align.get_image_features(pixels_bhwc)
+
+
+def _align_tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+  """``(n, 2, 64)``: ALIGN's token ids and attention mask, stacked so that
+  ``Embedder._run`` pads and chunks them together."""
+  return np.stack(align_processor.tokenize(tokenizer, prompts), axis=1)
+
+
+def _align_text(align: AlignModel, ids_and_mask_b2t: jax.Array) -> jax.Array:
+  return align.get_text_features(ids_and_mask_b2t[:, 0],
+                                 ids_and_mask_b2t[:, 1])
+
+
 class Embedder:
-  """Embeddings of uint8 images (and, with CLIP, of prompts) on the host.
+  """Embeddings of uint8 images (and, with CLIP or ALIGN, of prompts) on the
+  host.
 
   Inputs go through the model ``chunk`` at a time, the last chunk padded to
   full size, so one compilation serves every call whatever the count; the
   embeddings come back in input order as float32 NumPy ``(n, d)``, ready for
-  the host scores above. ``Embedder.dino`` and ``Embedder.clip`` load one.
+  the host scores above (which normalise them). ``Embedder.dino``,
+  ``Embedder.clip``, ``Embedder.align`` and ``Embedder.image_text`` (CLIP or
+  ALIGN by name or folder) load one.
   """
 
   def __init__(self, model: nnx.Module,
-               processor: image_processor.ImageProcessor,
+               processor: (image_processor.ImageProcessor
+                           | align_processor.AlignImageProcessor),
                image_features: Callable[[nnx.Module, jax.Array], jax.Array],
-               chunk: int = 8,
-               tokenizer: tokenizer_lib.CLIPTokenizer | None = None):
+               chunk: int = 8, tokenizer=None,
+               tokenize: Callable[..., np.ndarray] = tokenizer_lib.tokenize,
+               text_features: Callable[[nnx.Module, jax.Array], jax.Array]
+               = _clip_text):
     """Wraps a model, the function of it that embeds pixel values, and its
-    processor; ``tokenizer`` (CLIP only) enables ``texts``."""
+    processor. ``tokenizer`` enables ``texts``: ``tokenize(tokenizer,
+    prompts)`` makes the inputs of ``text_features(model, inputs)`` (CLIP's
+    by default)."""
     self._graphdef, self._state = nnx.split(model)
     self.processor = processor
     self._image_features = image_features
     self.chunk = chunk
     self.tokenizer = tokenizer
+    self._tokenize = tokenize
+    self._text_features = text_features
 
   @classmethod
   def dino(cls, path_or_hub_id: str | os.PathLike = DEFAULT_DINO,
@@ -362,6 +446,45 @@ class Embedder:
                                              subfolder=None)
     return cls(clip, processor, _clip_image, chunk, tokenizer)
 
+  @classmethod
+  def align(cls, path_or_hub_id: str | os.PathLike = DEFAULT_ALIGN,
+            chunk: int = 8, **kwargs) -> "Embedder":
+    """ALIGN image and text embeddings: transformers' ``AlignModel``
+    ``get_image_features`` / ``get_text_features`` on what ``AlignProcessor``
+    makes (EfficientNet preprocessing, BERT ids padded to 64 tokens).
+
+    Args:
+      path_or_hub_id: a transformers ALIGN folder (with its BERT tokenizer),
+        a Hub id, or ``tiny`` (random ``presets.ALIGN_TINY``).
+      chunk: images or prompts per model call.
+      **kwargs: passed to ``AlignModel.from_pretrained`` (``dtype``, ...).
+    """
+    return cls(AlignModel.from_pretrained(path_or_hub_id, **kwargs),
+               align_processor.AlignImageProcessor.from_pretrained(
+                   path_or_hub_id),
+               _align_image, chunk,
+               align_processor.load_tokenizer(path_or_hub_id),
+               tokenize=_align_tokenize, text_features=_align_text)
+
+  @classmethod
+  def image_text(cls, name: str | os.PathLike, chunk: int = 8,
+                 **kwargs) -> "Embedder":
+    """A CLIP or ALIGN embedder, by config name, folder or Hub id.
+
+    Args:
+      name: a name of ``IMAGE_TEXT_MODELS`` (``b32``, ``b16``, ``l14``,
+        ``align``, ``tiny``, ``align-tiny``), or a transformers CLIP or ALIGN
+        folder or Hub id (its ``config.json`` ``model_type`` says which).
+      chunk: images or prompts per model call.
+      **kwargs: passed to the model's ``from_pretrained``.
+
+    Raises:
+      CheckpointError: no such model, or one of another family.
+    """
+    family, model = image_text_model(name)
+    load = cls.align if family == "align" else cls.clip
+    return load(model, chunk, **kwargs)
+
   def _run(self, fn, inputs: jax.Array) -> np.ndarray:
     n, chunk = inputs.shape[0], self.chunk
     pad = -n % chunk
@@ -385,16 +508,18 @@ class Embedder:
     return embeddings[np.argsort(order)]
 
   def texts(self, prompts: Sequence[str], unique_token: str) -> np.ndarray:
-    """``(n, e)`` CLIP embeddings of prompts, read without the unique token.
+    """``(n, e)`` CLIP or ALIGN embeddings of prompts, read without the
+    unique token.
 
-    CLIP does not know the token, so each prompt is scored for what it says
-    about the class (``prompts.without_token``).
+    The model does not know the token, so each prompt is scored for what it
+    says about the class (``prompts.without_token``).
 
     Raises:
       ValueError: a DINO embedder, which has no text tower.
     """
     if self.tokenizer is None:
-      raise ValueError("texts needs a CLIP embedder (Embedder.clip)")
-    ids = tokenizer_lib.tokenize(self.tokenizer, [
+      raise ValueError("texts needs a CLIP or ALIGN embedder "
+                       "(Embedder.image_text)")
+    inputs = self._tokenize(self.tokenizer, [
         prompts_lib.without_token(p, unique_token) for p in prompts])
-    return self._run(_clip_text, jnp.asarray(ids))
+    return self._run(self._text_features, jnp.asarray(inputs))

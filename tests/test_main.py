@@ -26,6 +26,9 @@ CASES = {
     "rpo_ref_prompt": (["--config=configs/rpo_tpu.py:tiny",
                         "--config.rpo.ref_prompt=both"], 1,
                        "config.rpo.ref_prompt='both'"),
+    "rpo_reward_model": (["--config=configs/rpo_tpu.py:tiny",
+                          "--config.rpo.reward_model=nonsense"], 1,
+                         "config.rpo.reward_model='nonsense' is invalid"),
     "lookforward_reward": (
         ["--config=configs/lookforward_dreambooth_tpu.py:tiny",
          "--config.lookforward.reward=clip"], 1,

@@ -1,5 +1,7 @@
 """Rewards: similarity and lambda-Harmonic, DreamBench scores, the DINO / CLIP
-reward models and the host embedders."""
+reward models and the host embedders (DINO, CLIP, ALIGN)."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,10 @@ import pytest
 from flax import nnx
 
 from personalize_jax import rewards
+from personalize_jax.data import prompts as prompts_lib
+from personalize_jax.errors import CheckpointError
+from personalize_jax.models import align_processor, image_processor, presets
+from personalize_jax.models.align import AlignModel
 
 
 def _unit(x):
@@ -235,5 +241,127 @@ def test_dino_embedder_embeds_images_and_has_no_text():
       np.asarray(reward.vit(dino.processor(im[None]))[:, 0]) for im in images])
   np.testing.assert_allclose(dino.images(images), expected, rtol=1e-5,
                              atol=1e-6)
-  with pytest.raises(ValueError, match="CLIP"):
+  with pytest.raises(ValueError, match="CLIP or ALIGN"):
     dino.texts(["a sks dog"], "sks")
+
+
+# ------------------------------------------------------------------- ALIGN --
+
+_PROMPTS = ["a sks dog on the Moon", "a SKS dog", "a red sks backpack",
+            "a photo of sks"]
+
+
+@pytest.fixture(scope="module")
+def align_folder(tmp_path_factory):
+  """A transformers ALIGN folder: weights, config, BERT tokenizer, processor
+  (the tiny one's 32 px crop, to keep it cheap)."""
+  folder = tmp_path_factory.mktemp("align")
+  AlignModel.from_pretrained("tiny", seed=3).save_pretrained(folder)
+  align_processor.load_tokenizer("tiny").save_pretrained(str(folder))
+  (folder / image_processor.CONFIG_NAME).write_text(
+      json.dumps(presets.ALIGN_TINY_PROCESSOR))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def align_embedder(align_folder):
+  return rewards.Embedder.image_text(str(align_folder), chunk=3)
+
+
+@pytest.fixture(scope="module")
+def align_port_features(align_folder):
+  """``(images, texts)``: our AlignModel's features of uint8 images and of
+  prompts (without "sks"), from the folder, one call each, unnormalised."""
+  model = AlignModel.from_pretrained(align_folder)
+  processor = align_processor.AlignImageProcessor.from_pretrained(
+      align_folder)
+  tokenizer = align_processor.load_tokenizer(align_folder)
+  image_features = nnx.jit(lambda m, px: m.get_image_features(px))
+  text_features = nnx.jit(lambda m, i, a: m.get_text_features(i, a))
+
+  def images(images):
+    return np.concatenate([image_features(model, processor(im[None]))
+                           for im in images])
+
+  def texts(prompts):
+    ids, mask = align_processor.tokenize(tokenizer, [
+        prompts_lib.without_token(p, "sks") for p in prompts])
+    return np.asarray(text_features(model, ids, mask))
+
+  return images, texts
+
+
+def test_align_embedder_equals_align_model_features(align_embedder,
+                                                    align_port_features):
+  port_images, port_texts = align_port_features
+  images = _images(8, [(40, 40), (48, 56), (40, 40), (64, 48), (36, 36)])
+  got = align_embedder.images(images)
+  assert got.shape == (5, 16) and got.dtype == np.float32
+  np.testing.assert_allclose(_unit(got), _unit(port_images(images)),
+                             rtol=1e-5, atol=1e-6)
+  text = align_embedder.texts(_PROMPTS, "sks")
+  assert text.shape == (4, 16) and text.dtype == np.float32
+  expected = port_texts(_PROMPTS)
+  np.testing.assert_allclose(_unit(text), _unit(expected), rtol=1e-5,
+                             atol=1e-6)
+  # The rows padding a chunk do not leak into a prompt's features.
+  np.testing.assert_allclose(align_embedder.texts(_PROMPTS[1:2], "sks"),
+                             text[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_harmonic_with_align_matches_numpy(align_embedder,
+                                           align_port_features):
+  port_images, port_texts = align_port_features
+  generated, photos = _images(9, [(40, 40)] * 4), _images(10, [(48, 48)] * 3)
+  gen_emb, ref_emb = (align_embedder.images(x) for x in (generated, photos))
+  text_emb = align_embedder.texts(_PROMPTS, "sks")
+  lam = 0.3
+  got = rewards.harmonic_reward(gen_emb, ref_emb, text_emb, lam)
+  metrics = rewards.subject_metrics(gen_emb, ref_emb, gen_emb, ref_emb,
+                                    text_emb, (lam,))
+  # NumPy, from the port's features.
+  gen, ref, text = (_unit(x) for x in (port_images(generated),
+                                       port_images(photos),
+                                       port_texts(_PROMPTS)))
+  align_i = ((gen @ ref.T + 1) / 2).mean(axis=1)
+  align_t = (np.sum(gen * text, axis=-1) + 1) / 2
+  expected = 1 / (lam / align_i + (1 - lam) / align_t)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert metrics[rewards.harmonic_key(lam)] == pytest.approx(
+      expected.mean(), rel=1e-5)
+  assert len(np.unique(np.round(got, 6))) == 4  # the images do differ
+
+
+def test_image_text_models_by_name_and_by_folder(align_folder, tmp_path):
+  assert rewards.image_text_model("align") == ("align",
+                                               "kakaobrain/align-base")
+  assert rewards.image_text_model("align-tiny") == ("align", "tiny")
+  assert rewards.image_text_model("b16") == (
+      "clip", "openai/clip-vit-base-patch16")
+  # A folder says what it is in config.json.
+  assert rewards.image_text_model(align_folder) == ("align",
+                                                    str(align_folder))
+  from personalize_jax.models.clip import CLIPModel  # pylint: disable=g-import-not-at-top
+  CLIPModel.from_pretrained("tiny").save_pretrained(tmp_path / "clip")
+  assert rewards.image_text_model(tmp_path / "clip")[0] == "clip"
+  for name in ("align", "align-tiny", str(align_folder),
+               "openai/clip-vit-base-patch32"):
+    assert rewards.is_image_text_model(name), name
+  assert not rewards.is_image_text_model("nonsense")
+  # Another family's folder is a one-line error naming its model_type.
+  (tmp_path / "vit").mkdir()
+  (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit"}')
+  for check in (rewards.image_text_model, rewards.is_image_text_model):
+    with pytest.raises(CheckpointError) as info:
+      check(str(tmp_path / "vit"))
+    assert "\n" not in str(info.value) and "'vit'" in str(info.value)
+
+
+def test_align_tiny_embedder_works_offline():
+  embedder = rewards.Embedder.image_text("align-tiny", chunk=2)
+  assert isinstance(embedder.processor, align_processor.AlignImageProcessor)
+  images = embedder.images(_images(11, [(40, 40), (50, 60), (40, 40)]))
+  text = embedder.texts(["a sks dog", "a dog on the beach", "a cat"], "sks")
+  assert images.shape == text.shape == (3, 16)
+  assert np.isfinite(images).all() and np.isfinite(text).all()
+  assert not np.allclose(text[1], text[2])

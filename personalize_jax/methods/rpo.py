@@ -1,8 +1,9 @@
 """RPO (Miao et al. 2024): reward preference optimisation for one subject.
 
 Before training, the frozen base model draws a few images for each of 8
-training prompts ("a sks dog on the Moon", ...). A CLIP reward scores them and
-the subject's reference photos; each training pair is a reference photo and a
+training prompts ("a sks dog on the Moon", ...). A reward (ALIGN, as in the
+paper, or a CLIP: ``rpo.reward_model``) scores them and the subject's
+reference photos; each training pair is a reference photo and a
 generated image, conditioned on that image's training prompt, with a
 Bradley-Terry preference label ``y ~ Bernoulli(sigmoid(r_ref - r_gen))`` drawn
 afresh each time the pair is used (from a generator seeded by the step, so a
@@ -52,7 +53,7 @@ from personalize_jax import diffusion, rewards
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import distributed, rundir
 from personalize_jax.engine.method import Context, Graphs, Method, state_of
-from personalize_jax.errors import UserError
+from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.methods import common
 from personalize_jax.models import lora
 
@@ -105,7 +106,9 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   r.num_images_per_prompt = 4  # generated negatives per training prompt.
   r.gen_inference_steps = 50  # DDIM steps for the generated images.
   r.gen_guidance_scale = 7.5  # guidance for the generated images.
-  r.reward_model = "b32"  # reward CLIP: b32, b16, l14, a folder, or tiny.
+  # Rewards' image-text model: CLIP b32, b16, l14; align (the paper's,
+  # kakaobrain/align-base); a CLIP/ALIGN folder or Hub id; tiny, align-tiny.
+  r.reward_model = "b32"
   r.lambda_train = 0.0  # lambda of training rewards (0: text alignment).
   r.lambda_val = 0.3  # lambda of validation (paper table; DreamBench: 0.5).
   r.val_prompts = list(VAL_PROMPTS)  # held-out validation prompts.
@@ -429,7 +432,7 @@ def validation(ctx: Context, clip: rewards.Embedder, ref_clip: np.ndarray):
 def build(ctx: Context) -> Method:
   """RPO: the U-Net trains against a frozen copy of itself."""
   config = ctx.config
-  clip = rewards.Embedder.clip(config.rpo.reward_model, chunk=8)
+  clip = rewards.Embedder.image_text(config.rpo.reward_model, chunk=8)
   data, ref_clip = prepare(ctx, clip)
   unet = ctx.pipeline.unet
   frozen = {}
@@ -465,6 +468,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       fail(key, "it must lie in [0, 1]")
   if r.ref_prompt not in REF_PROMPTS:
     fail("ref_prompt", f"use one of {', '.join(REF_PROMPTS)}")
+  try:
+    if not rewards.is_image_text_model(str(r.reward_model)):
+      fail("reward_model", f"use one of {', '.join(rewards.IMAGE_TEXT_MODELS)}"
+           ", or a transformers CLIP or ALIGN folder or Hub id")
+  except CheckpointError as e:  # a folder of another model
+    fail("reward_model", str(e))
   key = "live_prompts" if is_live_subject(config) else "object_prompts"
   if not r[key]:
     fail(key, "list at least one prompt template with {token} {class_name}")

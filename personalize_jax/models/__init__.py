@@ -18,6 +18,7 @@ _EXPORTS = {
     "ImageProcessor": "image_processor",
     "QNetwork": "qnetwork",
     "count_params": "checkpoint",
+    "AlignModel": "align",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,10 @@ Implementations, chosen per model by ``attention_impl``:
               ``chunked`` on CPU for long non-causal sequences, else ``xla``;
               the platform is that of the devices the step is compiled for
               (``target_platform``), not the host's.
+
+A key padding mask (``key_mask_bk``: which keys each sequence attends to, as
+BERT's attention mask) is taken by ``xla`` and ``chunked``; ``auto`` then
+picks between those two, and ``cudnn`` or ``pallas`` refuse it.
 """
 
 import functools
@@ -34,13 +38,14 @@ from jax.sharding import PartitionSpec as P
 from personalize_jax.models import layers
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "chunked", "auto")
+MASKED_IMPLEMENTATIONS = ("xla", "chunked")  # those taking key_mask_bk
 # A query block's logits hold at most this many elements (8 MiB in float32):
 # small enough to stay in a CPU's cache between the softmax passes.
 CHUNK_ELEMENTS = 2**21
 MIN_CHUNK = 16  # smaller blocks cost more in loop overhead than they save.
 
 
-def _xla_attention(q, k, v, *, causal, scale, upcast):
+def _xla_attention(q, k, v, *, causal, scale, upcast, key_mask_bk=None):
   compute_dtype = jnp.float32 if (upcast or q.dtype == jnp.float32) else q.dtype
   logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute_dtype),
                       k.astype(compute_dtype)) * scale
@@ -48,6 +53,9 @@ def _xla_attention(q, k, v, *, causal, scale, upcast):
     q_len, k_len = logits.shape[-2:]
     keep = jnp.tril(jnp.ones((q_len, k_len), dtype=bool), k_len - q_len)
     logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+  if key_mask_bk is not None:
+    logits = jnp.where(key_mask_bk.astype(bool)[:, None, None, :], logits,
+                       jnp.finfo(logits.dtype).min)
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out.astype(q.dtype)
@@ -70,7 +78,7 @@ def query_chunk(batch: int, q_len: int, heads: int, k_len: int) -> int | None:
   return chunk
 
 
-def _chunked_attention(q, k, v, *, scale, upcast, chunk):
+def _chunked_attention(q, k, v, *, scale, upcast, chunk, key_mask_bk=None):
   b, q_len, h, d = q.shape
   blocks = q.reshape(b, q_len // chunk, chunk, h, d).swapaxes(0, 1)
 
@@ -78,7 +86,7 @@ def _chunked_attention(q, k, v, *, scale, upcast, chunk):
   @jax.checkpoint
   def one_block(q_block):
     return _xla_attention(q_block, k, v, causal=False, scale=scale,
-                          upcast=upcast)
+                          upcast=upcast, key_mask_bk=key_mask_bk)
 
   out = jax.lax.map(one_block, blocks)
   return out.swapaxes(0, 1).reshape(b, q_len, h, v.shape[-1])
@@ -215,7 +223,8 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
 def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array,
                           v_bshd: jax.Array, *, impl: str = "xla",
                           causal: bool = False, scale: float | None = None,
-                          upcast: bool = False) -> jax.Array:
+                          upcast: bool = False,
+                          key_mask_bk: jax.Array | None = None) -> jax.Array:
   """Multi-head attention on ``(batch, length, heads, head_dim)`` tensors.
 
   Args:
@@ -226,12 +235,24 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array,
     causal: mask out keys after each query (text encoders).
     scale: logit scale; ``1/sqrt(head_dim)`` if None.
     upcast: compute logits and softmax in float32 (SD 2.x ``upcast_attention``).
+    key_mask_bk: ``(batch, keys)``, True (or 1) where a key is attended to,
+      False at padding; None attends to every key. Only ``xla`` and
+      ``chunked`` take it (``auto`` picks one of them).
 
   Returns:
     ``(batch, length, heads, head_dim)`` in the dtype of ``q_bthd``.
+
+  Raises:
+    ValueError: a mask with ``impl`` ``cudnn`` or ``pallas``.
   """
   scale = 1.0 / math.sqrt(q_bthd.shape[-1]) if scale is None else scale
-  impl = resolve_impl(impl, q_bthd.dtype)
+  resolved = resolve_impl(impl, q_bthd.dtype)
+  if key_mask_bk is not None and resolved not in MASKED_IMPLEMENTATIONS:
+    if impl != "auto":
+      raise ValueError(f"attention_impl={impl!r} cannot take a key padding "
+                       f"mask; use one of {MASKED_IMPLEMENTATIONS}")
+    resolved = "xla"
+  impl = resolved
   if impl == "chunked":
     b, q_len, h, _ = q_bthd.shape
     # Sized for the rows one device computes when the batch is split.
@@ -241,10 +262,11 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array,
       impl = "xla"
     else:
       return _chunked_attention(q_bthd, k_bshd, v_bshd, scale=scale,
-                                upcast=upcast, chunk=chunk)
+                                upcast=upcast, chunk=chunk,
+                                key_mask_bk=key_mask_bk)
   if impl == "xla":
     return _xla_attention(q_bthd, k_bshd, v_bshd, causal=causal, scale=scale,
-                          upcast=upcast)
+                          upcast=upcast, key_mask_bk=key_mask_bk)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(
         q_bthd, k_bshd, v_bshd, scale=scale, is_causal=causal,

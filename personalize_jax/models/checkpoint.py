@@ -242,10 +242,17 @@ def from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def iter_params(module: nnx.Module) -> Iterable[tuple[tuple, nnx.Param]]:
-  """Yields ``(path, variable)`` for every ``nnx.Param`` in the module."""
+# The variable types a checkpoint holds: parameters, unless a port says more
+# (ALIGN's BatchNorm statistics are ``nnx.BatchStat``).
+Variables = type | tuple[type, ...]
+
+
+def iter_params(module: nnx.Module, variables: Variables = nnx.Param
+                ) -> Iterable[tuple[tuple, nnx.Variable]]:
+  """Yields ``(path, variable)`` for every variable of the ``variables``
+  type(s) in the module (every ``nnx.Param`` by default)."""
   for path, node in nnx.iter_graph(module):
-    if isinstance(node, nnx.Param):
+    if isinstance(node, variables):
       yield path, node
 
 
@@ -256,7 +263,8 @@ def count_params(module: nnx.Module) -> int:
 
 def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
                 source: str, param_dtype=jnp.float32,
-                ignore_unexpected: Iterable[str] = ()) -> nnx.Module:
+                ignore_unexpected: Iterable[str] = (),
+                variables: Variables = nnx.Param) -> nnx.Module:
   """Fills every parameter of ``module`` (abstract or not) from ``tensors``.
 
   Args:
@@ -267,6 +275,8 @@ def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
     param_dtype: the dtype parameters are stored in.
     ignore_unexpected: regexes of checkpoint keys the port deliberately has no
       parameter for (a pooler, non-persistent buffers).
+    variables: the variable type(s) to fill (``iter_params``); those that
+      are not ``nnx.Param`` keep the dtype they were built with.
 
   Returns:
     The same module, filled.
@@ -276,7 +286,7 @@ def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
       the key and the file).
   """
   used = set()
-  for path, var in iter_params(module):
+  for path, var in iter_params(module, variables):
     key = torch_key(path)
     if key not in tensors:
       raise CheckpointError(
@@ -289,7 +299,9 @@ def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
           f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, the "
           f"config implies {tuple(to_torch_layout(path, np.empty(expected)).shape)}; "
           "the weights do not match config.json")
-    var.set_value(jnp.asarray(value, dtype=param_dtype))
+    dtype = (param_dtype if isinstance(var, nnx.Param)
+             else var.get_value().dtype)
+    var.set_value(jnp.asarray(value, dtype=dtype))
     used.add(key)
   ignore = [re.compile(p) for p in ignore_unexpected]
   for key in sorted(set(tensors) - used):
@@ -300,14 +312,16 @@ def load_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   return module
 
 
-def module_tensors(module: nnx.Module, dtype=np.float32) -> dict[str, np.ndarray]:
-  """Every parameter of ``module`` in PyTorch layout, by state-dict key."""
+def module_tensors(module: nnx.Module, dtype=np.float32,
+                   variables: Variables = nnx.Param) -> dict[str, np.ndarray]:
+  """Every parameter (every variable of the ``variables`` type(s)) of
+  ``module`` in PyTorch layout, by state-dict key."""
   return {
       # np.asarray(order="C"), not ascontiguousarray: keeps 0-d arrays 0-d.
       torch_key(path): np.asarray(
           to_torch_layout(path, np.asarray(jax.device_get(var.get_value()),
                                            dtype=dtype)), order="C")
-      for path, var in iter_params(module)
+      for path, var in iter_params(module, variables)
   }
 
 

@@ -66,18 +66,39 @@ def linear(in_features: int, out_features: int, *, use_bias: bool = True,
 
 
 def conv(in_features: int, out_features: int, kernel_size: int = 3, *,
-         stride: int = 1, padding: int | str | None = None,
-         use_bias: bool = True, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
-  """A 2D convolution on NHWC input; padding defaults to ``kernel_size // 2``."""
+         stride: int = 1,
+         padding: int | str | Sequence[tuple[int, int]] | None = None,
+         feature_group_count: int = 1, use_bias: bool = True,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  """A 2D convolution on NHWC input.
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    kernel_size: the (square) kernel's side.
+    stride: the stride along both spatial axes.
+    padding: pixels on every side (an int), ``(before, after)`` per spatial
+      axis, or ``"SAME"``/``"VALID"``; ``kernel_size // 2`` if None.
+    feature_group_count: channel groups (``in_features`` for a depthwise
+      conv, PyTorch's ``groups``); the kernel is
+      ``(k, k, in_features // groups, out_features)``, and its input axis is
+      not named (a group's few channels are not worth sharding).
+    use_bias: add a bias.
+    dtype: the compute dtype.
+    param_dtype: the dtype parameters are stored in.
+    rngs: the random streams of the initialisation.
+  """
   pad = kernel_size // 2 if padding is None else padding
   if isinstance(pad, int):
     pad = ((pad, pad), (pad, pad))
+  conv_in = "conv_in" if feature_group_count == 1 else None
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size),
-      strides=(stride, stride), padding=pad, use_bias=use_bias, dtype=dtype,
+      strides=(stride, stride), padding=pad,
+      feature_group_count=feature_group_count, use_bias=use_bias, dtype=dtype,
       param_dtype=param_dtype,
-      kernel_metadata=_meta((None, None, "conv_in", "conv_out")),
+      kernel_metadata=_meta((None, None, conv_in, "conv_out")),
       bias_metadata=_meta(("conv_out",)), rngs=rngs)
 
 
@@ -118,6 +139,13 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *,
           param_dtype: Dtype = jnp.float32) -> nnx.Param:
   """A raw parameter (a PyTorch ``nn.Parameter``): stored under its own name."""
   return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), **_meta(axes))
+
+
+def batch_stat(value: jax.Array, axes: Sequence[str | None] = ("norm",)
+               ) -> nnx.BatchStat:
+  """A statistic kept with the weights but never trained (BatchNorm's running
+  mean and variance): an ``nnx.BatchStat`` with logical axis names."""
+  return nnx.BatchStat(value, **_meta(axes))
 
 
 def remat_call(module: nnx.Module, *args):

@@ -30,8 +30,8 @@ MAX_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
-__all__ = ["CLIPTokenizer", "load_tokenizer", "tokenize", "count_tokens",
-           "write_clip_vocab"]
+__all__ = ["CLIPTokenizer", "load_tokenizer", "load_from_folder", "tokenize",
+           "count_tokens", "write_clip_vocab"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -102,15 +102,37 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike,
   if str(path_or_hub_id) == presets.TINY:
     return CLIPTokenizer.from_pretrained(str(ASSETS),
                                          model_max_length=MAX_LENGTH)
-  folder = checkpoint.resolve_pretrained(path_or_hub_id, subfolder)
-  has_bpe = all((folder / n).is_file() for n in ("vocab.json", "merges.txt"))
-  if not (has_bpe or (folder / "tokenizer.json").is_file()):
+  return load_from_folder(
+      CLIPTokenizer, checkpoint.resolve_pretrained(path_or_hub_id, subfolder),
+      (("vocab.json", "merges.txt"), ("tokenizer.json",)), kind="CLIP",
+      hint="pass the pipeline folder whose tokenizer/ holds them")
+
+
+def load_from_folder(tokenizer_cls: type, folder: Path,
+                     file_sets: Sequence[Sequence[str]], *, kind: str,
+                     hint: str):
+  """A Hugging Face tokenizer from a local folder, with one-line errors.
+
+  Args:
+    tokenizer_cls: the ``transformers`` tokenizer class to load.
+    folder: the folder holding its files.
+    file_sets: the alternatives, each the files that together make the
+      tokenizer (``(("vocab.json", "merges.txt"), ("tokenizer.json",))``).
+    kind: the tokenizer's family, for the message (``"CLIP"``).
+    hint: what to pass instead when the files are missing.
+
+  Raises:
+    CheckpointError: no alternative is complete, or the files do not load
+      (corrupt or truncated).
+  """
+  if not any(all((folder / n).is_file() for n in names) for names in file_sets):
+    listed = " or ".join(" + ".join(names) for names in file_sets)
     raise CheckpointError(
-        f"{folder} has no CLIP tokenizer files (vocab.json + merges.txt or "
-        "tokenizer.json); pass the pipeline folder whose tokenizer/ holds them")
+        f"{folder} has no {kind} tokenizer files ({listed}); {hint}")
   try:
-    return CLIPTokenizer.from_pretrained(str(folder))
-  except (OSError, ValueError, json.JSONDecodeError) as e:
+    return tokenizer_cls.from_pretrained(str(folder))
+  # The Rust tokenizers backend raises plain Exceptions on corrupt files.
+  except Exception as e:  # pylint: disable=broad-except
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"could not load the tokenizer in {folder} "
                           f"({reason}); re-download or re-save it") from None

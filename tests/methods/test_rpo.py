@@ -1,5 +1,6 @@
 """RPO: the preference loss, its labels and data, its wiring, and a tiny run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -325,6 +326,66 @@ def test_bad_rpo_value_is_a_one_line_user_error():
     rpo.validate(c)
 
 
+def test_reward_model_accepts_clip_and_align_names_and_refuses_others(
+    tmp_path):
+  c = _config("tiny")
+  for name in ("b32", "b16", "l14", "align", "tiny", "align-tiny",
+               "kakaobrain/align-base"):
+    c.rpo.reward_model = name
+    rpo.validate(c)
+  c.rpo.reward_model = "nonsense"
+  with pytest.raises(UserError) as info:
+    rpo.validate(c)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("config.rpo.reward_model='nonsense' is invalid")
+  assert "b32, b16, l14, align, tiny, align-tiny" in message
+  # A folder is read for its model_type before anything runs.
+  (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+  c.rpo.reward_model = str(tmp_path)
+  with pytest.raises(UserError, match="model_type 'vit'"):
+    rpo.validate(c)
+
+
+def test_align_reward_labels_differ_from_clip_ones(tmp_path, monkeypatch):
+  """RPO built with rpo.reward_model=align-tiny: its rewards come from ALIGN
+  (not CLIP) and its batches carry Bradley-Terry labels drawn from them."""
+  config = _config("tiny")
+  config.rpo.reward_model = "align-tiny"
+  pipeline = load_stable_diffusion("tiny")
+  # Random negatives instead of the tiny model's (noise too): compiling the
+  # sampler would take most of the test's time.
+  monkeypatch.setattr(diffusion, "generate", lambda _, prompts, **kw: (
+      np.random.default_rng(0).integers(
+          0, 256, (len(prompts), kw["resolution"], kw["resolution"], 3),
+          np.uint8)))
+  method, _, _ = helpers.build(rpo, config, tmp_path, pipeline)
+  labels = method.batch(0)["labels"]
+  assert labels.shape == (config.batch_size,)
+  assert set(np.unique(labels)) <= {0.0, 1.0}
+  (cached,) = (tmp_path / "cache").glob("rpo_rewards_*.npz")
+  with np.load(cached) as f:
+    align_rewards = {k: f[k] for k in f.files}
+  # The same images and prompts (both cached by the build) scored by CLIP.
+  config.rpo.reward_model = "tiny"
+  clip_data, _ = rpo.prepare(helpers.context(config, tmp_path, pipeline),
+                             rewards.Embedder.image_text("tiny"))
+  # Each photo against 2 prompts, and 2 prompts x 2 images.
+  assert align_rewards["ref"].shape == clip_data.reward_ref.shape
+  assert align_rewards["ref"].shape[1] == 2
+  assert align_rewards["gen"].shape == clip_data.reward_gen.shape == (4,)
+  for key, clip_rewards in (("ref", clip_data.reward_ref),
+                            ("gen", clip_data.reward_gen)):
+    assert ((align_rewards[key] > 0) & (align_rewards[key] <= 1)).all()
+    assert not np.allclose(align_rewards[key], clip_rewards, atol=1e-3)
+  # The method's labels are Bradley-Terry draws of those ALIGN rewards.
+  align_data = dataclasses.replace(clip_data,
+                                   reward_ref=align_rewards["ref"],
+                                   reward_gen=align_rewards["gen"])
+  np.testing.assert_array_equal(
+      labels, rpo.make_batch(config, align_data, 0)["labels"])
+
+
 # ------------------------------------------------------------------- LoRA
 
 def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
@@ -356,14 +417,16 @@ def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-  """The tiny recipe through ``main``, evaluated every 2 steps, patience 2."""
+  """The tiny recipe through ``main`` with the paper's kind of reward model
+  (a tiny ALIGN), evaluated every 2 steps, patience 2."""
   workdir = tmp_path_factory.mktemp("rpo") / "run"
   env = xla_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "personalize_jax.main",
        f"--config={RECIPE}:tiny", f"--workdir={workdir}",
        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2"],
+       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2",
+       "--config.rpo.reward_model=align-tiny"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -390,6 +453,8 @@ def test_cli_run_writes_negatives_metrics_and_export(cli_run):
       and r["update_norm/unet"] > 0 for r in logged)
   assert (workdir / "export" / "unet").is_dir()
   assert "trained" in stdout
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["rpo"]["reward_model"] == "align-tiny"
 
 
 def _stop_step(evals: list[tuple[int, float]], patience: int):

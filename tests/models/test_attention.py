@@ -1,4 +1,5 @@
-"""Tests for the attention function: chunked equals xla, auto picks per backend."""
+"""Tests for the attention function: chunked equals xla, auto picks per
+backend, key padding masks match a NumPy softmax."""
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,59 @@ def test_chunked_falls_back_to_xla_for_causal_and_short_sequences():
                                            causal=causal)
     ref = attention.dot_product_attention(q, k, v, impl="xla", causal=causal)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def _masked_reference(q, k, v, keep_bk):
+  """NumPy attention whose softmax runs over the kept keys only."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(keep_bk[:, None, None, :], logits, -np.inf)
+  weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  weights /= weights.sum(axis=-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("impl, q_len", [("xla", 12), ("chunked", 1024),
+                                         ("auto", 12)])
+def test_key_padding_mask_matches_a_numpy_softmax_over_kept_keys(impl, q_len):
+  q, k, v = _qkv(q_len=q_len, k_len=q_len)
+  keep = np.ones((2, q_len), bool)
+  keep[0, 5:] = False  # a padded sequence: 5 tokens
+  keep[1, ::3] = False  # any pattern, not only trailing padding
+  if impl == "chunked":  # the mask rides along every block of queries
+    assert attention.query_chunk(2, q_len, 8, q_len) is not None
+  got = attention.dot_product_attention(q, k, v, impl=impl,
+                                        key_mask_bk=jnp.asarray(keep))
+  np.testing.assert_allclose(got, _masked_reference(q, k, v, keep),
+                             atol=2e-5, rtol=2e-5)
+  # An integer mask (BERT's attention_mask) is read the same way.
+  as_ints = attention.dot_product_attention(
+      q, k, v, impl=impl, key_mask_bk=jnp.asarray(keep, jnp.int32))
+  np.testing.assert_array_equal(as_ints, got)
+  # Without the mask the padded keys count.
+  unmasked = attention.dot_product_attention(q, k, v, impl=impl)
+  assert float(jnp.max(jnp.abs(unmasked - got))) > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+def test_key_padding_mask_is_refused_by_kernels_that_cannot_take_it(impl):
+  q, k, v = _qkv(q_len=8, k_len=8)
+  with pytest.raises(ValueError) as info:
+    attention.dot_product_attention(q, k, v, impl=impl,
+                                    key_mask_bk=jnp.ones((2, 8), bool))
+  message = str(info.value)
+  assert "\n" not in message and f"attention_impl={impl!r}" in message
+  assert "'xla'" in message
+
+
+def test_auto_with_a_mask_is_xla_where_it_would_pick_a_kernel(monkeypatch):
+  monkeypatch.setattr(attention, "target_platform", lambda: "tpu")
+  assert attention.resolve_impl("auto", jnp.float32) == "pallas"
+  q, k, v = _qkv(q_len=8, k_len=8)
+  keep = jnp.arange(8)[None, :] < jnp.array([[3], [8]])
+  np.testing.assert_array_equal(
+      attention.dot_product_attention(q, k, v, impl="auto", key_mask_bk=keep),
+      attention.dot_product_attention(q, k, v, impl="xla", key_mask_bk=keep))
 
 
 def test_auto_is_chunked_on_cpu_and_unknown_names_fail():
