@@ -1,5 +1,6 @@
 """Install: ``pip install -e .`` (runtime), ``pip install -e .[tpu]`` (Cloud
-TPU VMs) or ``pip install -e .[test]`` (tests)."""
+TPU VMs), ``pip install -e .[wandb]`` (W&B logging) or ``pip install -e
+.[test]`` (tests)."""
 
 from setuptools import find_namespace_packages, setup
 
@@ -43,6 +44,9 @@ setup(
         # for its `tpu` extra. On a Cloud TPU VM it runs the chips; on any
         # host it compiles for TPU topologies (benchmarks/tpu_compile.py).
         "tpu": [TPU],
+        # config.log.wandb: Weights & Biases logging (offline) besides
+        # TensorBoard; never needed otherwise.
+        "wandb": ["wandb"],
         "test": [
             "pytest",
             "pytest-xdist",

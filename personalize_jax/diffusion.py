@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from personalize_jax import sdxl
 from personalize_jax.errors import UserError
 from personalize_jax.models import checkpoint, layers, presets
 
@@ -289,13 +290,64 @@ jax.tree_util.register_dataclass(NoiseSchedule, data_fields=["alphas_cumprod"],
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
+# The fold_in data of the noise-offset draw: a stream of its own, so that a
+# step's noise and timesteps are the same with and without an offset.
+NOISE_OFFSET_STREAM = 0x0FF5E7
+
 
 def draw_noise(schedule: NoiseSchedule, rng: jax.Array,
-               shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Training noise (float32, ``shape``) and a timestep per row, from ``rng``."""
+               shape: tuple[int, ...], *,
+               rows: tuple[jax.Array, int] | None = None,
+               noise_offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Training noise (float32, ``shape``) and a timestep per row, from ``rng``.
+
+  Args:
+    schedule: the noise schedule (its number of training timesteps).
+    rng: the key of the step's draw.
+    shape: the noise's shape, rows first (NHWC latents).
+    rows: ``(index, total)``: the rows are rows ``index`` of the draw for
+      ``total`` rows, so that a row's noise and timestep depend on its index
+      in the step's batch, not on the micro-batch it is computed in; None:
+      the draw is for ``shape[0]`` rows.
+    noise_offset: diffusers' ``--noise_offset``: adds ``noise_offset`` times
+      a normal draw per row and channel (``(b, 1, 1, c)``); 0 is off.
+  """
+  index, total = rows if rows is not None else (None, shape[0])
   noise_rng, t_rng = jax.random.split(rng)
-  noise = jax.random.normal(noise_rng, shape, jnp.float32)
-  return noise, schedule.sample_timesteps(t_rng, shape[0])
+  noise = jax.random.normal(noise_rng, (total,) + tuple(shape[1:]),
+                            jnp.float32)
+  if noise_offset:
+    per_channel = (total,) + (1,) * (len(shape) - 2) + (shape[-1],)
+    noise = noise + noise_offset * jax.random.normal(
+        jax.random.fold_in(rng, NOISE_OFFSET_STREAM), per_channel,
+        jnp.float32)
+  t = schedule.sample_timesteps(t_rng, total)
+  if index is not None:
+    noise, t = noise[index], t[index]
+  return noise, t
+
+
+def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+  """``(sqrt(a_t) / sqrt(1 - a_t)) ** 2`` at ``t``, as diffusers' ``compute_snr``."""
+  a = schedule.alphas_cumprod[t]
+  return (jnp.sqrt(a) / jnp.sqrt(1.0 - a)) ** 2
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array,
+                   gamma: float) -> jax.Array:
+  """Min-SNR-gamma loss weights of rows noised at ``t`` (Hang et al. 2023).
+
+  ``min(snr, gamma) / snr`` for epsilon targets and ``min(snr, gamma) /
+  (snr + 1)`` for v_prediction (the paper's Sec. 4.2, as diffusers'
+  ``--snr_gamma``), ``min(snr, gamma)`` for sample (x0) targets.
+  """
+  ratio = snr(schedule, t)
+  clipped = jnp.minimum(ratio, gamma)
+  if schedule.prediction_type == "epsilon":
+    return clipped / ratio
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (ratio + 1)
+  return clipped
 
 
 def per_sample_error(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -306,15 +358,19 @@ def per_sample_error(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 def denoising_error(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
                     latents: jax.Array, noise: jax.Array, t: jax.Array,
-                    emb: jax.Array) -> jax.Array:
+                    emb: jax.Array, *, snr_gamma: float = 0.0) -> jax.Array:
   """Per-sample error ``(b,)`` of the U-Net's epsilon (or v) prediction.
 
   The training losses of every method are functions of these errors: the
   U-Net sees ``latents`` noised with ``noise`` at ``t``, conditioned on
-  ``emb``, and its output is compared with the schedule's target.
+  ``emb``, and its output is compared with the schedule's target. With
+  ``snr_gamma > 0`` each row's error is weighted by ``min_snr_weight``.
   """
   pred = unet(schedule.add_noise(latents, noise, t), t, emb)
-  return per_sample_error(pred, schedule.training_target(latents, noise, t))
+  err = per_sample_error(pred, schedule.training_target(latents, noise, t))
+  if snr_gamma:
+    err = err * min_snr_weight(schedule, t, snr_gamma)
+  return err
 
 
 def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
@@ -324,14 +380,15 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
                 guidance_scale: float | jax.Array = 7.5,
                 eta: float | jax.Array = 0.0,
                 rng: jax.Array | None = None,
-                batch_sharding: jax.sharding.Sharding | None = None
-                ) -> jax.Array:
+                batch_sharding: jax.sharding.Sharding | None = None, *,
+                time_ids: jax.Array | None = None) -> jax.Array:
   """Runs DDIM from pure-noise latents to clean latents (one jitted scan).
 
-  Matches diffusers' ``StableDiffusionPipeline`` with a ``DDIMScheduler`` step
-  for step (``init_noise_sigma`` is 1 for DDIM, so ``latents`` are used as
-  given). With ``uncond_emb``, classifier-free guidance runs the unconditional
-  and conditional halves in one U-Net call on the concatenated batch.
+  Matches diffusers' ``StableDiffusionPipeline`` (and
+  ``StableDiffusionXLPipeline``) with a ``DDIMScheduler`` step for step
+  (``init_noise_sigma`` is 1 for DDIM, so ``latents`` are used as given).
+  With ``uncond_emb``, classifier-free guidance runs the unconditional and
+  conditional halves in one U-Net call on the concatenated batch.
 
   Args:
     unet: ``unet(latents_bhwc, t_b, emb_btd) -> prediction``. An
@@ -343,8 +400,9 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
     schedule: the noise schedule.
     latents: ``(B, h, w, c)`` starting noise (scale by ``init_noise_sigma``
       = 1 is implicit).
-    cond_emb: ``(B, T, D)`` text embeddings.
-    uncond_emb: ``(B, T, D)`` or ``(1, T, D)`` empty-prompt embeddings; None
+    cond_emb: ``(B, T, D)`` text embeddings; for an SDXL U-Net the pair
+      ``(states_btd, pooled_bd)`` that ``encode_prompts`` returns.
+    uncond_emb: the same for the empty prompt, ``B`` or 1 rows; None
       disables guidance (one U-Net call on ``cond_emb`` per step).
     num_inference_steps: the number of DDIM steps.
     guidance_scale: ``uncond + guidance_scale * (cond - uncond)``.
@@ -354,6 +412,8 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
     batch_sharding: the ``NamedSharding`` the batch is split with, if any: the
       U-Net's activations follow it and kernels XLA cannot partition (Pallas
       attention) run per device over its mesh.
+    time_ids: SDXL only: ``(6,)`` or ``(B, 6)`` micro-conditioning
+      (``sdxl.time_ids``), for both halves of the guidance.
 
   Returns:
     The final latents, shaped and typed like ``latents``.
@@ -364,13 +424,17 @@ def ddim_sample(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
     model_def, model_state = nnx.split(unet)
   else:
     model_def, model_state = unet, None
-  if uncond_emb is not None:
-    uncond_emb = jnp.broadcast_to(uncond_emb, cond_emb.shape)
+  cond_emb, added = sdxl.unet_inputs(cond_emb, time_ids)
+  uncond_emb, uncond_added = sdxl.unet_inputs(uncond_emb, time_ids)
+  rows = lambda x: jnp.broadcast_to(x, cond_emb.shape[:1] + x.shape[1:])
+  uncond_emb, added, uncond_added = jax.tree.map(
+      rows, (uncond_emb, added, uncond_added))
   timesteps = jnp.asarray(schedule.ddim_timesteps(num_inference_steps))
   return _ddim_loop(model_def, model_state, schedule, latents, cond_emb,
                     uncond_emb, timesteps, guidance_scale, eta, rng,
                     num_inference_steps=num_inference_steps,
-                    split=batch_split(batch_sharding))
+                    split=batch_split(batch_sharding), added_cond=added,
+                    uncond_added_cond=uncond_added)
 
 
 def batch_split(batch_sharding) -> tuple | None:
@@ -400,24 +464,30 @@ def _ddim_loop(model_def: Any, model_state: Any, schedule: NoiseSchedule,
                uncond_emb: jax.Array | None, timesteps: jax.Array,
                guidance_scale: jax.Array, eta: jax.Array,
                rng: jax.Array | None, *, num_inference_steps: int,
-               split: tuple | None = None) -> jax.Array:
+               split: tuple | None = None, added_cond: dict | None = None,
+               uncond_added_cond: dict | None = None) -> jax.Array:
   with _activations_split(split):
     return _ddim_scan(model_def, model_state, schedule, latents, cond_emb,
                       uncond_emb, timesteps, guidance_scale, eta, rng,
-                      num_inference_steps)
+                      num_inference_steps, added_cond, uncond_added_cond)
 
 
 def _ddim_scan(model_def, model_state, schedule, latents, cond_emb,
                uncond_emb, timesteps, guidance_scale, eta, rng,
-               num_inference_steps):
+               num_inference_steps, added_cond=None, uncond_added_cond=None):
   unet = model_def if model_state is None else nnx.merge(model_def, model_state)
   guided = uncond_emb is not None
   emb = jnp.concatenate([uncond_emb, cond_emb]) if guided else cond_emb
+  # SDXL's U-Net keywords (text_embeds, time_ids), batched like ``emb``.
+  added = added_cond or {}
+  if guided and added:
+    added = jax.tree.map(lambda u, c: jnp.concatenate([u, c]),
+                         uncond_added_cond, added)
 
   def step(x, inputs):
     i, t = inputs
     x_in = jnp.concatenate([x, x]) if guided else x
-    out = unet(x_in, jnp.full((x_in.shape[0],), t, jnp.int32), emb)
+    out = unet(x_in, jnp.full((x_in.shape[0],), t, jnp.int32), emb, **added)
     out = out.astype(jnp.float32)
     if guided:
       uncond, cond = jnp.split(out, 2)
@@ -456,8 +526,15 @@ def _decode_to_uint8(model_def: Any, model_state: Any, latents: jax.Array,
   return jnp.clip(jnp.round(images), 0, 255).astype(jnp.uint8)
 
 
-def encode_prompts(pipeline: Any, prompts: str | list[str]) -> jax.Array:
-  """Text-encoder hidden states ``(b, 77, d)`` for prompts, as SD conditions on."""
+def encode_prompts(pipeline: Any, prompts: str | list[str]
+                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Text-encoder hidden states ``(b, 77, d)`` for prompts, as SD conditions on.
+
+  An SDXL pipeline returns the pair ``(states_btd, pooled_bd)`` of
+  ``sdxl.encode_prompts``.
+  """
+  if pipeline.is_sdxl:
+    return sdxl.encode_prompts(pipeline, prompts)
   from personalize_jax.models import tokenizer as tok  # pylint: disable=g-import-not-at-top
   ids = jnp.asarray(tok.tokenize(pipeline.tokenizer, prompts))
   return _encode_text(*nnx.split(pipeline.text_encoder), ids)
@@ -485,13 +562,15 @@ def generate(pipeline: Any, prompts: str | list[str], *,
 
   Args:
     pipeline: a ``StableDiffusion`` (``unet``, ``vae``, ``text_encoder``,
-      ``tokenizer``, ``schedule``).
+      ``tokenizer``, ``schedule``; for SDXL the second encoder and tokenizer,
+      conditioned on the time ids of ``resolution``).
     prompts: one prompt or a list.
     rng: a PRNG key; ``jax.random.key(seed)`` if None.
     seed: used when ``rng`` is None.
     num_inference_steps: DDIM steps.
     guidance_scale: classifier-free guidance (1 disables the unconditional pass).
-    negative_prompt: the unconditional prompt.
+    negative_prompt: the unconditional prompt (SDXL: "" means zeros when
+      the pipeline's ``force_zeros_for_empty_prompt`` is set).
     resolution: image side in pixels; the U-Net's native size if None.
     eta: DDIM stochasticity.
     batch_size: images per jitted call.
@@ -518,7 +597,12 @@ def generate(pipeline: Any, prompts: str | list[str], *,
   latent_shape = (resolution // factor, resolution // factor,
                   pipeline.unet.config.in_channels)
   guided = guidance_scale != 1.0
-  uncond = encode_prompts(pipeline, [negative_prompt]) if guided else None
+  uncond = None
+  if guided:
+    uncond = (sdxl.negative_conditioning(pipeline, negative_prompt)
+              if pipeline.is_sdxl else encode_prompts(pipeline,
+                                                      [negative_prompt]))
+  time_ids = sdxl.time_ids(resolution) if pipeline.is_sdxl else None
   vae_def, vae_state = nnx.split(pipeline.vae)
   chunks = range(0, len(prompts), batch_size)
   if progress:
@@ -537,7 +621,8 @@ def generate(pipeline: Any, prompts: str | list[str], *,
     step_rng = jax.random.fold_in(rng, 2**30 + start) if eta else None
     latents = ddim_sample(pipeline.unet, pipeline.schedule, latents, cond,
                           uncond, num_inference_steps, guidance_scale, eta,
-                          step_rng, batch_sharding=batch_sharding)
+                          step_rng, batch_sharding=batch_sharding,
+                          time_ids=time_ids)
     images = decode_to_uint8(vae_def, vae_state, latents,
                              pipeline.vae.scaling_factor, batch_sharding)
     if not images.is_fully_addressable:

@@ -3,7 +3,9 @@
 The folder layout is diffusers' (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), so the same code loads the
 real weights from a local copy or the Hub and writes fine-tuned models that
-``diffusers.StableDiffusionPipeline.from_pretrained`` loads.
+``diffusers.StableDiffusionPipeline.from_pretrained`` loads. An SDXL folder
+(``_class_name`` ``StableDiffusionXLPipeline``) adds ``text_encoder_2/`` and
+``tokenizer_2/`` and round-trips with ``StableDiffusionXLPipeline``.
 
 It lives above ``models`` because it pairs them with ``diffusion``'s noise
 schedule; modules under ``models`` never import ``diffusion``.
@@ -21,12 +23,15 @@ from flax import nnx
 from personalize_jax import diffusion
 from personalize_jax.errors import CheckpointError
 from personalize_jax.models import checkpoint, lora_files, presets
-from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from personalize_jax.models.clip import (CLIPTextConfig, CLIPTextModel,
+                                         CLIPTextModelWithProjection)
 from personalize_jax.models.tokenizer import load_tokenizer
 from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_COMPONENTS = _COMPONENTS + ("text_encoder_2", "tokenizer_2")
+SDXL_CLASS_NAME = "StableDiffusionXLPipeline"
 
 # What diffusers' StableDiffusionPipeline expects in model_index.json. The
 # safety checker and feature extractor are not part of fine-tuning; exported
@@ -43,11 +48,39 @@ _MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+# StableDiffusionXLPipeline's; ``force_zeros_for_empty_prompt`` is added from
+# the pipeline when it is written.
+_SDXL_MODEL_INDEX = {
+    **{k: v for k, v in _MODEL_INDEX.items()
+       if k not in ("requires_safety_checker", "safety_checker")},
+    "_class_name": SDXL_CLASS_NAME,
+    "image_encoder": [None, None],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+}
+
+# The model classes of each component, and their configs.
+_CLASSES = {
+    "unet": (UNet2DConditionModel, UNet2DConditionConfig),
+    "vae": (AutoencoderKL, AutoencoderKLConfig),
+    "text_encoder": (CLIPTextModel, CLIPTextConfig),
+    "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig),
+}
+# The random pipelines: component -> config.json values. The seed of each
+# component is the pipeline's seed plus its place here.
+_TINY = {
+    presets.TINY: {"unet": presets.UNET, "vae": presets.VAE,
+                   "text_encoder": presets.CLIP_TEXT},
+    presets.TINY_SDXL: {"unet": presets.TINY_SDXL_UNET,
+                        "vae": presets.TINY_SDXL_VAE,
+                        "text_encoder": presets.TINY_SDXL_TEXT,
+                        "text_encoder_2": presets.TINY_SDXL_TEXT_2},
+}
 
 
 @dataclasses.dataclass
 class StableDiffusion:
-  """The parts of a Stable Diffusion pipeline, as nnx modules plus a tokenizer.
+  """The parts of a Stable Diffusion pipeline, as nnx modules plus tokenizers.
 
   Attributes:
     unet: the denoiser.
@@ -55,7 +88,12 @@ class StableDiffusion:
     text_encoder: the CLIP text tower.
     tokenizer: transformers' ``CLIPTokenizer``.
     schedule: the noise schedule from ``scheduler/scheduler_config.json``.
-    source: where it was loaded from (a folder, a Hub id or ``tiny``).
+    source: where it was loaded from (a folder, a Hub id, ``tiny`` or
+      ``tiny-sdxl``).
+    text_encoder_2: SDXL's second text tower (None for SD 1.x/2.x).
+    tokenizer_2: its tokenizer, padding with "!" (None for SD 1.x/2.x).
+    force_zeros_for_empty_prompt: SDXL only: classifier-free guidance with
+      an empty negative prompt conditions on zeros, not on the encoded "".
   """
   unet: UNet2DConditionModel
   vae: AutoencoderKL
@@ -63,6 +101,14 @@ class StableDiffusion:
   tokenizer: Any
   schedule: diffusion.NoiseSchedule
   source: str = ""
+  text_encoder_2: CLIPTextModelWithProjection | None = None
+  tokenizer_2: Any = None
+  force_zeros_for_empty_prompt: bool = True
+
+  @property
+  def is_sdxl(self) -> bool:
+    """Stable Diffusion XL: two text encoders, pooled text and time ids."""
+    return self.text_encoder_2 is not None
 
   @property
   def resolution(self) -> int:
@@ -82,8 +128,13 @@ class StableDiffusion:
     self.text_encoder.save_pretrained(folder / "text_encoder")
     self.tokenizer.save_pretrained(str(folder / "tokenizer"))
     self.schedule.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(_MODEL_INDEX, indent=2) + "\n")
+    index = _MODEL_INDEX
+    if self.is_sdxl:
+      self.text_encoder_2.save_pretrained(folder / "text_encoder_2")
+      self.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
+      index = dict(_SDXL_MODEL_INDEX, force_zeros_for_empty_prompt=(
+          self.force_zeros_for_empty_prompt))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
 
@@ -94,16 +145,19 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
                           lora: str | os.PathLike | Sequence[
                               tuple[str | os.PathLike, float]] | None = None,
                           lora_scale: float = 1.0) -> StableDiffusion:
-  """Loads a Stable Diffusion 1.x/2.x pipeline folder, Hub id, or ``tiny``.
+  """Loads a Stable Diffusion 1.x/2.x or XL folder, Hub id, or tiny preset.
 
   Args:
     path_or_hub_id: a local diffusers folder, a Hub id such as
-      ``CompVis/stable-diffusion-v1-4``, or ``tiny`` (random tiny models).
-    dtype: the compute dtype of the models.
+      ``CompVis/stable-diffusion-v1-4`` or
+      ``stabilityai/stable-diffusion-xl-base-1.0``, ``tiny`` or ``tiny-sdxl``
+      (random tiny models).
+    dtype: the compute dtype of the models (an SDXL VAE whose config sets
+      ``force_upcast`` computes in float32, as diffusers runs it).
     param_dtype: the dtype their parameters are stored in.
     attention_impl: see ``personalize_jax.models.attention``.
     remat: rematerialise U-Net blocks in the backward pass.
-    seed: the random seed of the ``tiny`` models.
+    seed: the random seed of the tiny models.
     lora: LoRA weights to fuse into the U-Net and text encoder as they load:
       a ``.safetensors`` file or a folder holding one (diffusers/PEFT,
       older diffusers, or kohya-ss keys; see ``models.lora_files``), or a
@@ -121,14 +175,15 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
   loras = [] if lora is None else lora_files.read_loras(lora, lora_scale)
   kwargs = dict(dtype=dtype, param_dtype=param_dtype,
                 attention_impl=attention_impl)
-  if source == presets.TINY:
+  if source in _TINY:
+    sdxl = source == presets.TINY_SDXL
+    tokenizers = {"tokenizer": load_tokenizer(presets.TINY)}
+    if sdxl:
+      tokenizers["tokenizer_2"] = load_tokenizer(presets.TINY)
+      tokenizers["tokenizer_2"].pad_token = "!"  # SDXL's second tokenizer's
     pipe = StableDiffusion(
-        unet=UNet2DConditionModel.from_pretrained(
-            presets.TINY, remat=remat, seed=seed, **kwargs),
-        vae=AutoencoderKL.from_pretrained(presets.TINY, seed=seed + 1, **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(presets.TINY, seed=seed + 2,
-                                                   **kwargs),
-        tokenizer=load_tokenizer(presets.TINY),
+        **_models(_TINY[source], None, sdxl, remat, seed, kwargs),
+        **tokenizers,
         schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
         source=source)
     return _with_loras(pipe, loras)
@@ -139,21 +194,57 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
         f"{root} has no model_index.json, so it is not a diffusers pipeline "
         "folder; pass the folder that holds unet/, vae/, text_encoder/, "
         "tokenizer/ and scheduler/")
-  missing = [c for c in _COMPONENTS if not (root / c).is_dir()]
+  values = checkpoint.read_json(index)
+  sdxl = values.get("_class_name") == SDXL_CLASS_NAME
+  needed = _SDXL_COMPONENTS if sdxl else _COMPONENTS
+  missing = [c for c in needed if not (root / c).is_dir()]
   if missing:
+    folders = [c + "/" for c in needed]
     raise CheckpointError(
         f"{root} lacks {', '.join(m + '/' for m in missing)}; a Stable "
-        "Diffusion folder needs unet/, vae/, text_encoder/, tokenizer/ and "
-        "scheduler/ (download the whole model)")
+        f"Diffusion{' XL' if sdxl else ''} folder needs "
+        f"{', '.join(folders[:-1])} and {folders[-1]} (download the whole "
+        "model)")
+  configs = {name: checkpoint.read_json(root / name / "config.json")
+             for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+             if name in needed}
   pipe = StableDiffusion(
-      unet=UNet2DConditionModel.from_pretrained(root, "unet", remat=remat,
-                                                **kwargs),
-      vae=AutoencoderKL.from_pretrained(root, "vae", **kwargs),
-      text_encoder=CLIPTextModel.from_pretrained(root, "text_encoder", **kwargs),
-      tokenizer=load_tokenizer(root, subfolder="tokenizer"),
-      schedule=_schedule(root / "scheduler"),
-      source=source)
+      **_models(configs, root, sdxl, remat, seed, kwargs),
+      **{name: load_tokenizer(root, subfolder=name)
+         for name in ("tokenizer", "tokenizer_2") if name in needed},
+      schedule=_schedule(root / "scheduler", legacy_fixes=not sdxl),
+      source=source,
+      force_zeros_for_empty_prompt=values.get("force_zeros_for_empty_prompt",
+                                              True))
   return _with_loras(pipe, loras)
+
+
+def _models(configs: dict[str, dict], root: Path | None, sdxl: bool,
+            remat: bool, seed: int, kwargs: dict) -> dict[str, nnx.Module]:
+  """The pipeline's models from their ``config.json`` values.
+
+  Loaded from ``root/<component>/`` or, with ``root`` None, random: component
+  ``i`` of ``configs`` from ``seed + i``.
+  """
+  models = {}
+  for offset, (name, values) in enumerate(configs.items()):
+    cls, config_cls = _CLASSES[name]
+    config = config_cls.from_dict(values)
+    options = dict(kwargs, remat=remat) if name == "unet" else dict(kwargs)
+    if name == "vae" and sdxl and config.force_upcast:
+      # SDXL's VAE overflows in float16; diffusers decodes in float32.
+      options["dtype"] = jnp.float32
+    models[name] = (_random(cls, config, seed + offset, options)
+                    if root is None else
+                    cls.from_pretrained(root, name, **options))
+  return models
+
+
+def _random(cls: type, config: Any, seed: int, options: dict) -> nnx.Module:
+  """``cls(config, **options)`` with random weights from ``seed``."""
+  return checkpoint.build_random(
+      lambda: cls(config, rngs=checkpoint.shape_only_rngs(), **options), seed,
+      options["param_dtype"])
 
 
 def is_lora_folder(folder: str | os.PathLike) -> bool:
@@ -193,7 +284,7 @@ def load_export(folder: str | os.PathLike, base: str | os.PathLike = "",
           "--config.base_model=CompVis/stable-diffusion-v1-4)")
     values = checkpoint.read_json(train_config)
     base = str(values["model"]["pretrained"])
-    if base == presets.TINY:
+    if base in _TINY:
       kwargs.setdefault("seed", values.get("seed", 0))
   pipe = load_stable_diffusion(base, lora=folder, **kwargs)
   return dataclasses.replace(pipe, source=str(folder))
@@ -208,32 +299,32 @@ def _with_loras(pipe: StableDiffusion,
   return pipe
 
 
-def _schedule(folder: Path) -> diffusion.NoiseSchedule:
+def _schedule(folder: Path, legacy_fixes: bool) -> diffusion.NoiseSchedule:
   """The pipeline's schedule, with the fixes diffusers applies to old configs.
 
   ``StableDiffusionPipeline`` forces ``steps_offset=1`` and
   ``clip_sample=False`` on outdated scheduler configs (SD 1.4's among them);
   doing the same keeps our samples equal to diffusers'.
+  ``StableDiffusionXLPipeline`` does not (``legacy_fixes=False``).
   """
   config = checkpoint.read_json(folder / diffusion.SCHEDULER_CONFIG)
-  config.update(steps_offset=1, clip_sample=False)
+  if legacy_fixes:
+    config.update(steps_offset=1, clip_sample=False)
   return diffusion.NoiseSchedule.from_config(config)
 
 
 def abstract_component(path_or_hub_id: str | os.PathLike,
                        name: str) -> nnx.Module:
-  """Component ``name`` (``unet``, ``vae``, ``text_encoder``), shapes only.
+  """Component ``name`` (``unet``, ``vae``, ``text_encoder``,
+  ``text_encoder_2``), shapes only.
 
-  Reads the component's ``config.json`` (``tiny``: the preset), never its
-  weights: for checks of a config against the model before anything loads.
+  Reads the component's ``config.json`` (tiny pipelines: the preset), never
+  its weights: for checks of a config against the model before anything
+  loads.
   """
-  cls, config_cls, preset = {
-      "unet": (UNet2DConditionModel, UNet2DConditionConfig, presets.UNET),
-      "vae": (AutoencoderKL, AutoencoderKLConfig, presets.VAE),
-      "text_encoder": (CLIPTextModel, CLIPTextConfig, presets.CLIP_TEXT),
-  }[name]
-  if str(path_or_hub_id) == presets.TINY:
-    values = preset
+  cls, config_cls = _CLASSES[name]
+  if str(path_or_hub_id) in _TINY:
+    values = _TINY[str(path_or_hub_id)][name]
   else:
     folder = checkpoint.resolve_pretrained(path_or_hub_id, name)
     values = checkpoint.read_json(folder / "config.json")

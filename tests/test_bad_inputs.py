@@ -5,8 +5,9 @@ Each case builds its input here (photos with PIL, model folders), runs
 that the run ends in exactly one line on stderr that names the problem (and
 the file) and the fix, with exit code 2 and no traceback, before the workdir
 is touched: a workdir that did not exist is not created, and one that holds an
-earlier run's files keeps every byte and modification time. All cases start
-at once in one module fixture (each spends its time importing jax).
+earlier run's files keeps every byte and modification time. The cases run
+many to a process (``tests/cli.py``: each would spend its time importing
+jax).
 
 Unusual but valid photos, ``skip_bad_images`` and prompt warnings need a
 training run: they are in ``tests/test_faults.py``.
@@ -14,13 +15,13 @@ training run: they are in ``tests/test_faults.py``.
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "--config=configs/dreambooth_tpu.py:tiny"
@@ -200,26 +201,19 @@ def _snapshot(folder: Path) -> dict:
           for p in sorted([folder, *folder.rglob("*")])}
 
 
-def _start(args: list[str], env: dict, workdir: Path) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **env)
-  return subprocess.Popen(
-      [sys.executable, "-m", "personalize_jax.main", TINY,
-       f"--workdir={workdir}", *args], cwd=REPO, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   """``{case: (returncode, stdout, stderr, fragments, workdir, before)}``.
 
   ``before`` is the snapshot of a workdir with an earlier run's files, or
-  None where the workdir did not exist.
+  None where the workdir did not exist. The cases run many to a process
+  (``tests/cli.py``), one process per extra environment.
   """
   tmp = tmp_path_factory.mktemp("bad_inputs")
   cases = dict(CASES)
   if DREAMBENCH_DOG.is_dir():
     cases["dreambench_truncated"] = _dreambench_truncated
-  processes = {}
+  by_env, details = {}, {}
   for name, make in cases.items():
     args, env, fragments = make(tmp / "inputs" / name)
     workdir = tmp / "runs" / name
@@ -227,12 +221,15 @@ def results(tmp_path_factory):
     if name in ON_EARLIER_RUN:
       _earlier_run(workdir)
       before = _snapshot(workdir)
-    processes[name] = (_start(args, env, workdir), fragments, workdir, before)
+    by_env.setdefault(tuple(sorted(env.items())), {})[name] = [
+        TINY, f"--workdir={workdir}", *args]
+    details[name] = (fragments, workdir, before)
+  drivers = [cli.Cases(group, tmp / f"driver_{i}", **dict(env))
+             for i, (env, group) in enumerate(by_env.items())]
   out = {}
-  for name, (process, fragments, workdir, before) in processes.items():
-    stdout, stderr = process.communicate(timeout=600)
-    out[name] = (process.returncode, stdout, stderr, fragments, workdir,
-                 before)
+  for driver in drivers:
+    for name, result in driver.results().items():
+      out[name] = (*result, *details[name])
   return out
 
 

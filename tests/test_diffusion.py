@@ -1,6 +1,7 @@
 """The noise schedule and DDIM sampling against diffusers' schedulers."""
 
 import json
+import types
 
 import diffusers
 import jax
@@ -266,3 +267,97 @@ def test_bad_configs_are_one_line_errors(config, message):
   assert "\n" not in str(info.value)
   with pytest.raises(UserError, match="num_inference_steps=0"):
     diffusion.NoiseSchedule.from_config(SD1).ddim_timesteps(0)
+
+
+# ------------------------------------------- training draws and loss weights
+
+
+def _training_draw(rng, shape):
+  """What ``draw_noise`` drew before it had options: the reference."""
+  noise_rng, t_rng = jax.random.split(rng)
+  return (jax.random.normal(noise_rng, shape, jnp.float32),
+          jax.random.randint(t_rng, (shape[0],), 0, 1000))
+
+
+def test_draw_noise_rows_are_the_rows_of_the_whole_steps_draw():
+  schedule = diffusion.NoiseSchedule.from_config(SD1)
+  rng, shape = jax.random.key(7), (6, 4, 4, 3)
+  noise, t = diffusion.draw_noise(schedule, rng, shape)
+  want_noise, want_t = _training_draw(rng, shape)
+  np.testing.assert_array_equal(noise, want_noise)
+  np.testing.assert_array_equal(t, want_t)
+  # Rows 4, 1 of the 6-row draw, asked for as a 2-row micro-batch.
+  index = jnp.asarray([4, 1])
+  part, part_t = diffusion.draw_noise(schedule, rng, (2, 4, 4, 3),
+                                      rows=(index, 6))
+  np.testing.assert_array_equal(part, want_noise[np.array([4, 1])])
+  np.testing.assert_array_equal(part_t, want_t[np.array([4, 1])])
+
+
+def test_noise_offset_is_diffusers_per_row_and_channel_shift():
+  # diffusers: noise = randn_like(latents) + noise_offset * randn(b, c, 1, 1);
+  # NHWC here, so the shift is (b, 1, 1, c) and the rest of the draw stays.
+  schedule = diffusion.NoiseSchedule.from_config(SD1)
+  rng, shape, offset = jax.random.key(3), (5, 4, 6, 3), 0.1
+  plain, t = diffusion.draw_noise(schedule, rng, shape)
+  noise, t_offset = diffusion.draw_noise(schedule, rng, shape,
+                                         noise_offset=offset)
+  shift = np.asarray(jax.random.normal(
+      jax.random.fold_in(rng, diffusion.NOISE_OFFSET_STREAM), (5, 1, 1, 3)))
+  np.testing.assert_allclose(noise, np.asarray(plain) + offset * shift,
+                             rtol=0, atol=1e-7)
+  np.testing.assert_array_equal(t_offset, t)
+  # Row-keyed like the rest: rows of a micro-batch shift as in the step.
+  part, _ = diffusion.draw_noise(schedule, rng, (2, 4, 6, 3),
+                                 rows=(jnp.asarray([3, 0]), 5),
+                                 noise_offset=offset)
+  np.testing.assert_array_equal(part, np.asarray(noise)[[3, 0]])
+
+
+@pytest.mark.parametrize("config", [SD1, SD2_V, DDPM])
+def test_snr_is_diffusers_compute_snr(config):
+  from diffusers import training_utils  # pylint: disable=g-import-not-at-top
+  schedule = diffusion.NoiseSchedule.from_config(config)
+  t = np.array([0, 1, 17, 500, 998, 999])
+  reference = types.SimpleNamespace(
+      alphas_cumprod=torch.from_numpy(np.array(schedule.alphas_cumprod)))
+  np.testing.assert_allclose(
+      diffusion.snr(schedule, jnp.asarray(t)),
+      training_utils.compute_snr(reference, torch.from_numpy(t)).numpy(),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", diffusion.PREDICTION_TYPES)
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_are_the_papers_formulas(prediction_type, gamma):
+  # Hang et al. 2023 as diffusers' --snr_gamma (and kohya's min_snr_gamma):
+  # min(snr, gamma) / snr for epsilon, min(snr, gamma) / (snr + 1) for v,
+  # and min(snr, gamma) for x0 targets.
+  schedule = diffusion.NoiseSchedule.from_config(
+      dict(SD1, prediction_type=prediction_type))
+  t = np.arange(0, 1000, 37)
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+  snr = a / (1 - a)
+  divisor = {"epsilon": snr, "v_prediction": snr + 1,
+             "sample": np.ones_like(snr)}[prediction_type]
+  want = np.minimum(snr, gamma) / divisor
+  got = diffusion.min_snr_weight(schedule, jnp.asarray(t), gamma)
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  if prediction_type == "epsilon":  # low noise is weighted down, high kept.
+    assert got[0] < 0.01 and got[-1] == 1.0
+
+
+def test_denoising_error_with_snr_gamma_weights_each_row():
+  schedule = diffusion.NoiseSchedule.from_config(SD1)
+  rng = np.random.default_rng(1)
+  latents, noise = (jnp.asarray(rng.normal(size=(3, 2, 2, 4)), jnp.float32)
+                    for _ in range(2))
+  t = jnp.asarray([5, 400, 990])
+  unet = lambda x, t, emb: 0.5 * x  # any prediction, the same in both.
+  plain = diffusion.denoising_error(unet, schedule, latents, noise, t, None)
+  weighted = diffusion.denoising_error(unet, schedule, latents, noise, t,
+                                       None, snr_gamma=5.0)
+  np.testing.assert_allclose(
+      weighted, np.asarray(plain) * np.asarray(
+          diffusion.min_snr_weight(schedule, t, 5.0)), rtol=1e-6)
+  assert not np.allclose(weighted, plain)

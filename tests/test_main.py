@@ -1,16 +1,18 @@
 """Tests for the command line: mistakes end in one line and exit code 2.
 
-Each case runs ``python -m personalize_jax.main`` in a subprocess; all of them
-start at once (each spends its time importing jax) and are checked one by one.
+Each case is what ``python -m personalize_jax.main`` does with its arguments;
+the cases run many to a process (``tests/cli.py``: a process of their own
+would spend its time importing JAX), one of them also in a process of its
+own, and are checked one by one.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import cli
 import xla_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +81,8 @@ CASES = {
 }
 
 
-def _start(args: list[str], devices: int, workdir: Path) -> subprocess.Popen:
-  env = xla_env.env(devices)
-  return subprocess.Popen(
-      [sys.executable, "-m", "personalize_jax.main", f"--workdir={workdir}",
-       *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+# Checked in a process of its own too: the driver must show what it shows.
+OWN_PROCESS = "unknown_key"
 
 
 def _snapshot(folder: Path) -> dict:
@@ -97,21 +95,27 @@ def results(tmp_path_factory):
   """``{case: (returncode, stdout, stderr, workdir)}`` of every case.
 
   Each case gets a workdir that does not exist yet; ``existing`` repeats the
-  negative learning rate on a workdir that holds an earlier run's files.
+  negative learning rate on a workdir that holds an earlier run's files. The
+  cases run in one process per device count (``tests/cli.py``); the
+  ``OWN_PROCESS`` case also as ``python -m personalize_jax.main``, under
+  ``own_process``.
   """
   tmp = tmp_path_factory.mktemp("cli")
   missing = tmp / "no_photos_here"
-  processes = {}
+  by_devices, workdirs = {}, {}
+
+  def add(name, args, devices, workdir):
+    workdirs[name] = workdir
+    by_devices.setdefault(devices, {})[name] = [f"--workdir={workdir}", *args]
+
   for name, (args, devices, _) in CASES.items():
-    args = [a.format(missing=missing) for a in args]
-    processes[name] = (_start(args, devices, tmp / name), tmp / name)
+    add(name, [a.format(missing=missing) for a in args], devices, tmp / name)
   existing = tmp / "existing"
   (existing / "checkpoints").mkdir(parents=True)
   (existing / "config.json").write_text("{}\n")
   (existing / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
   before = _snapshot(existing)
-  processes["existing"] = (_start(CASES["negative_lr"][0], 1, existing),
-                           existing)
+  add("existing", CASES["negative_lr"][0], 1, existing)
   # A workdir holding another run (another config): refused before anything
   # is written, unless --config.overwrite=true.
   other = tmp / "other_run"
@@ -119,14 +123,29 @@ def results(tmp_path_factory):
   (other / "config.json").write_text('{"method": "rpo", "num_steps": 7}\n')
   (other / ".lock").write_text("")
   other_before = _snapshot(other)
-  processes["other_run"] = (_start([TINY], 1, other), other)
+  add("other_run", [TINY], 1, other)
+  own = subprocess.Popen(
+      [sys.executable, "-m", "personalize_jax.main",
+       *by_devices[1][OWN_PROCESS]], cwd=REPO, env=xla_env.env(1),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  drivers = [cli.Cases(cases, tmp / f"driver_{devices}", devices)
+             for devices, cases in by_devices.items()]
   out = {}
-  for name, (process, workdir) in processes.items():
-    stdout, stderr = process.communicate(timeout=600)
-    out[name] = (process.returncode, stdout, stderr, workdir)
+  for driver in drivers:
+    for name, result in driver.results().items():
+      out[name] = (*result, workdirs[name])
+  stdout, stderr = own.communicate(timeout=600)
+  out["own_process"] = (own.returncode, stdout, stderr, workdirs[OWN_PROCESS])
   out["existing_before"] = before
   out["other_run_before"] = other_before
   return out
+
+
+def test_a_process_of_its_own_ends_as_the_driver_reports(results):
+  assert results["own_process"] == results[OWN_PROCESS]
+  returncode, stdout, stderr, _ = results["own_process"]
+  assert returncode == 2 and not stdout
+  assert stderr.startswith("error: --config.nope: ") and stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

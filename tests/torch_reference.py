@@ -9,6 +9,7 @@ import transformers
 from flax import nnx
 
 from personalize_jax.models import checkpoint, presets
+from personalize_jax.models import tokenizer as tokenizer_lib
 from personalize_jax.models.tokenizer import load_tokenizer
 
 import xla_env
@@ -42,6 +43,38 @@ def tiny_pipeline(folder: Path, seed: int = 0
     for name, p in pipe.unet.named_parameters():
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
+  pipe.save_pretrained(folder)
+  return pipe
+
+
+def tiny_sdxl_pipeline(folder: Path, seed: int = 0
+                       ) -> diffusers.StableDiffusionXLPipeline:
+  """The tiny SDXL presets as a diffusers pipeline, saved to ``folder``.
+
+  The second tokenizer pads with "!" (id 0), as SDXL's does; the scheduler is
+  a ``DDIMScheduler``. Norms and biases of the U-Net and both text encoders
+  are moved off their identity init so that they are exercised.
+  """
+  torch.manual_seed(seed)
+  text = lambda cls, preset: cls(transformers.CLIPTextConfig(**{
+      k: v for k, v in preset.items()
+      if k not in ("model_type", "architectures")}))
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=diffusers.AutoencoderKL(**public(presets.TINY_SDXL_VAE)),
+      text_encoder=text(transformers.CLIPTextModel, presets.TINY_SDXL_TEXT),
+      text_encoder_2=text(transformers.CLIPTextModelWithProjection,
+                          presets.TINY_SDXL_TEXT_2),
+      tokenizer=load_tokenizer(presets.TINY),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(
+          str(tokenizer_lib.ASSETS), model_max_length=77, pad_token="!"),
+      unet=diffusers.UNet2DConditionModel(**public(presets.TINY_SDXL_UNET)),
+      scheduler=diffusers.DDIMScheduler(**public(presets.SCHEDULER)),
+      add_watermarker=False)
+  with torch.no_grad():
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+      for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+          p.add_(0.1 * torch.randn_like(p))
   pipe.save_pretrained(folder)
   return pipe
 

@@ -14,13 +14,19 @@ from typing import Callable
 
 import ml_collections
 
+from personalize_jax.engine import ema, optim
 from personalize_jax.errors import UserError
 from personalize_jax.models import lora
 
 MIXED_PRECISION = ("bf16", "fp32")
 NAN_POLICIES = ("stop", "skip")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = tuple(optim.SCHEDULES)
+OPTIMIZERS = tuple(optim.OPTIMIZERS)
 ATTENTION = ("xla", "cudnn", "pallas", "chunked", "auto")
+# Training options a method's loss must implement, with their "off" values:
+# a method module lists those it does in ``TRAINING_OPTIONS``.
+METHOD_OPTIONS = {"gradient_accumulation_steps": 1, "loss.snr_gamma": 0.0,
+                  "loss.noise_offset": 0.0}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds initialisation, noise, timesteps and data order.
   c.num_steps = 1000  # optimizer steps.
   c.batch_size = 1  # global batch (instance images per step, all devices).
+  c.gradient_accumulation_steps = 1  # micro-batches batch_size is split into.
   c.learning_rate = 5e-6  # peak learning rate.
   c.mixed_precision = "bf16"  # compute dtype: "bf16" or "fp32"; masters stay fp32.
   c.trainable = (r"^unet\.",)  # regexes over "component.torch.key" names that train.
@@ -68,13 +75,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.export_fused = False  # also export the full pipeline with the adapters merged.
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.b1 = 0.9  # AdamW beta1.
-  c.optimizer.b2 = 0.999  # AdamW beta2.
+  c.optimizer.name = "adamw"  # adamw, adafactor, lion or sgd (optax's).
+  c.optimizer.b1 = 0.9  # AdamW and Lion beta1.
+  c.optimizer.b2 = 0.999  # AdamW and Lion beta2 (Lion's paper: 0.99).
   c.optimizer.eps = 1e-8  # AdamW epsilon.
-  c.optimizer.weight_decay = 1e-2  # AdamW decoupled weight decay.
+  c.optimizer.weight_decay = 1e-2  # decoupled weight decay (SGD: L2, torch's).
+  c.optimizer.momentum = 0.9  # SGD momentum (0 = plain SGD).
   c.optimizer.clip_grad_norm = 1.0  # global-norm clip of trainable grads (0 = off).
-  c.optimizer.schedule = "constant"  # after warmup: "constant" or "cosine".
+  c.optimizer.schedule = "constant"  # or a linear/cosine/polynomial decay to 0.
+  c.optimizer.power = 1.0  # the polynomial schedule's power (1 = linear).
   c.optimizer.warmup_steps = 0  # linear warmup from 0 to learning_rate.
+
+  # The loss options of diffusers' training scripts (off at 0).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.snr_gamma = 0.0  # Min-SNR-gamma loss weights (--snr_gamma; 5 is usual).
+  c.loss.noise_offset = 0.0  # noise shift per row, channel (--noise_offset; 0.1 usual).
+
+  # A moving average of the trained weights (diffusers' --use_ema), which
+  # samples, validation and the export use.
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0  # its largest decay (diffusers: 0.9999); 0 = off.
+  c.ema.warmup = "diffusers"  # how the decay grows: diffusers, power or none.
+  c.ema.power = 2 / 3  # warmup "power": decay 1 - (1 + step) ** -power.
+
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb = False  # also log to W&B, offline, in <workdir>/wandb.
+  c.log.wandb_project = "personalize_jax"  # the W&B project of the run.
 
   c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence.
   c.checkpoint_every_steps = 200  # orbax checkpoint cadence (also at the end).
@@ -341,9 +367,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
       or config.data.min_image_side < 1):
     _fail("data.min_image_side", config.data.min_image_side,
           "it must be a positive number of pixels")
-  if config.optimizer.schedule not in SCHEDULES:
-    _fail("optimizer.schedule", config.optimizer.schedule,
-          f"use one of {', '.join(SCHEDULES)}")
+  _validate_training_options(config, num_devices, method)
   if config.model.attention_impl not in ATTENTION:
     _fail("model.attention_impl", config.model.attention_impl,
           f"use one of {', '.join(ATTENTION)}")
@@ -381,6 +405,60 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _validate_lora(config.lora)
   if method is not None:
     method.validate(config)
+
+
+def _validate_training_options(config: ml_collections.ConfigDict,
+                               num_devices: int,
+                               method: types.ModuleType | None) -> None:
+  """The optimizer, schedule, loss, EMA, accumulation and logging options."""
+  opt = config.optimizer
+  for key, value, valid in (("name", opt.name, OPTIMIZERS),
+                            ("schedule", opt.schedule, SCHEDULES)):
+    if value not in valid:
+      _fail(f"optimizer.{key}", value, f"use one of {', '.join(valid)}")
+  if not opt.power > 0:
+    _fail("optimizer.power", opt.power, "it must be a positive number")
+  if not 0 <= opt.momentum < 1:
+    _fail("optimizer.momentum", opt.momentum, "it must lie in [0, 1)")
+  for key in ("snr_gamma", "noise_offset"):
+    if not config.loss[key] >= 0:
+      _fail(f"loss.{key}", config.loss[key], "it must be 0 (off) or positive")
+  e = config.ema
+  if not 0 <= e.decay < 1:
+    _fail("ema.decay", e.decay, "it must be 0 (off) or lie in (0, 1), e.g. "
+          "0.9999")
+  if e.warmup not in ema.WARMUPS:
+    _fail("ema.warmup", e.warmup, f"use one of {', '.join(ema.WARMUPS)}")
+  if not e.power > 0:
+    _fail("ema.power", e.power, "it must be a positive number")
+  k = config.gradient_accumulation_steps
+  if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+    _fail("gradient_accumulation_steps", k, "it must be a positive integer")
+  if k > 1 and config.batch_size % (k * num_devices):
+    _fail("gradient_accumulation_steps", k,
+          f"batch_size={config.batch_size} (the rows of one update) must "
+          f"split into {k} micro-batches of a multiple of the {num_devices} "
+          f"devices: use a batch_size that {k * num_devices} divides")
+  if method is not None:
+    implemented = getattr(method, "TRAINING_OPTIONS", ())
+    for key, off in METHOD_OPTIONS.items():
+      value = config
+      for part in key.split("."):
+        value = value[part]
+      if value != off and key not in implemented:
+        _fail(key, value, f"method {config.method} does not implement it "
+              f"(its randomness and loss are its own); leave it at {off}")
+  if config.log.wandb and not _importable("wandb"):
+    _fail("log.wandb", config.log.wandb, "the wandb package is not "
+          'installed: pip install -e ".[wandb]", or set log.wandb=false')
+
+
+def _importable(name: str) -> bool:
+  try:
+    importlib.import_module(name)
+  except ImportError:
+    return False
+  return True
 
 
 def _validate_lora(lora_config: ml_collections.ConfigDict) -> None:

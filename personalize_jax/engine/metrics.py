@@ -2,7 +2,9 @@
 
 ``metrics.jsonl`` is the record tools and tests read (one JSON object per
 logged step). The same scalars also go to TensorBoard event files in
-``tensorboard/``, written by tensorboardX (no TensorFlow needed).
+``tensorboard/``, written by tensorboardX (no TensorFlow needed), and with
+``config.log.wandb`` to an offline Weights & Biases run in ``wandb/``
+(``wandb sync`` uploads it later); wandb is imported only then.
 """
 
 import io
@@ -78,12 +80,17 @@ class MetricsWriter:
     workdir: the run directory; created if missing.
     resume_step: the step of the checkpoint the run restarts from, or None
       for a fresh run (then lines left by an earlier attempt are all dropped).
+    wandb_project: also log to an offline W&B run of this project (a new
+      run per writer, its files in ``<workdir>/wandb``); None: no W&B.
+    run_config: the run's config, recorded in the W&B run.
   """
 
   _count = 0  # writers opened by this process, for unique event file names.
 
   def __init__(self, workdir: str | os.PathLike, *,
-               resume_step: int | None = None):
+               resume_step: int | None = None,
+               wandb_project: str | None = None,
+               run_config: Mapping[str, Any] | None = None):
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / METRICS_FILE
@@ -113,6 +120,11 @@ class MetricsWriter:
         wall_time=time.time(), step=last_kept_step + 1,
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
     self._events.flush()
+    self._wandb = None
+    if wandb_project is not None:
+      import wandb  # pylint: disable=g-import-not-at-top
+      self._wandb = wandb.init(project=wandb_project, dir=str(self.workdir),
+                               mode="offline", config=dict(run_config or {}))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Records ``scalars`` (anything ``float()`` accepts) at ``step``."""
@@ -130,11 +142,15 @@ class MetricsWriter:
           wall_time=wall_time, step=int(step),
           summary=self._scalar(name, value)))
     self._events.flush()  # fsyncs too.
+    if self._wandb is not None:
+      self._wandb.log(values, step=int(step))
 
   def close(self) -> None:
-    """Closes both files; further writes fail."""
+    """Closes both files (and the W&B run); further writes fail."""
     self._jsonl.close()
     self._events.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
   def __enter__(self) -> "MetricsWriter":
     return self

@@ -1,4 +1,5 @@
-"""The optimizer: AdamW with clipping and a schedule, masked to trainable leaves.
+"""The optimizer: AdamW (or Adafactor, Lion, SGD) with clipping and a schedule,
+masked to trainable leaves.
 
 Which parameters train is a list of regexes (``config.trainable``) matched
 against each parameter's PyTorch-style name prefixed by its component, e.g.
@@ -88,20 +89,50 @@ def mask_rows(params: Mapping[str, nnx.State],
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+# ``config.optimizer.schedule`` -> ``(peak, steps, power) -> schedule``: what
+# follows the warmup, over ``steps`` steps (diffusers' get_scheduler names).
+SCHEDULES = {
+    "constant": lambda lr, steps, power: optax.constant_schedule(lr),
+    "linear": lambda lr, steps, power: optax.linear_schedule(lr, 0.0, steps),
+    "cosine": lambda lr, steps, power: optax.cosine_decay_schedule(lr, steps),
+    "polynomial": lambda lr, steps, power: optax.polynomial_schedule(
+        lr, 0.0, power, steps),
+}
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Constant, or linear warmup then constant/cosine, from ``config``."""
-  lr = config.learning_rate
-  warmup = config.optimizer.warmup_steps
-  if config.optimizer.schedule == "constant":
-    after = optax.constant_schedule(lr)
-  elif config.optimizer.schedule == "cosine":
-    after = optax.cosine_decay_schedule(lr, max(config.num_steps - warmup, 1))
-  else:
-    raise ValueError(f"optimizer.schedule={config.optimizer.schedule!r}")
+  """Linear warmup from 0 (``optimizer.warmup_steps``), then
+  ``optimizer.schedule``: constant, or a linear, cosine or polynomial
+  (``optimizer.power``) decay to 0 at ``num_steps``."""
+  lr, opt = config.learning_rate, config.optimizer
+  warmup = opt.warmup_steps
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={opt.schedule!r}")
+  after = SCHEDULES[opt.schedule](lr, max(config.num_steps - warmup, 1),
+                                  opt.power)
   if warmup <= 0:
     return after
   return optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+# ``config.optimizer.name`` -> ``(optimizer config, schedule) -> transform``.
+# Lion reads b1/b2 as AdamW does; Adafactor keeps optax's settings except
+# that the learning rate is the step size (no parameter scaling: kohya's
+# ``scale_parameter=False relative_step=False``); SGD's weight decay is
+# torch's (added to the gradient).
+OPTIMIZERS = {
+    "adamw": lambda opt, lr: optax.adamw(
+        lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay),
+    "adafactor": lambda opt, lr: optax.adafactor(
+        lr, multiply_by_parameter_scale=False,
+        weight_decay_rate=opt.weight_decay or None),
+    "lion": lambda opt, lr: optax.lion(
+        lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
+    "sgd": lambda opt, lr: optax.chain(
+        optax.add_decayed_weights(opt.weight_decay),
+        optax.sgd(lr, momentum=opt.momentum or None)),
+}
 
 
 def make_optimizer(config, params: Mapping[str, nnx.State], *,
@@ -110,7 +141,8 @@ def make_optimizer(config, params: Mapping[str, nnx.State], *,
                    | None = None,
                    row_masks: Mapping[str, Any] | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
-  """AdamW + global-norm clipping on trainable leaves, zero updates elsewhere.
+  """``optimizer.name`` + global-norm clipping on trainable leaves, zero
+  updates elsewhere.
 
   Args:
     config: the run config (``learning_rate``, ``optimizer``, ``trainable``).
@@ -127,8 +159,9 @@ def make_optimizer(config, params: Mapping[str, nnx.State], *,
   chain = []
   if opt.clip_grad_norm > 0:
     chain.append(optax.clip_by_global_norm(opt.clip_grad_norm))
-  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           weight_decay=opt.weight_decay))
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name={opt.name!r}")
+  chain.append(OPTIMIZERS[opt.name](opt, schedule))
   extra = extra or {}
   labels = trainable_labels(params, config.trainable,
                             {k: v[0] for k, v in extra.items()})

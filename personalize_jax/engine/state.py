@@ -1,10 +1,19 @@
 """The train state and the jitted train step every method shares.
 
 The state holds only what changes: trainable parameters (fp32 masters), the
-optimizer state, the step and a base PRNG key. Frozen parameters (VAE, text
-encoder, a frozen base U-Net) travel separately, never donated and never in
-the optimizer. Every step's randomness is ``fold_in(state.rng, step)``, so a
-resumed run draws exactly what an uninterrupted one would.
+optimizer state, the step, a base PRNG key and, with ``config.ema``, the
+parameters' moving average. Frozen parameters (VAE, text encoder, a frozen
+base U-Net) travel separately, never donated and never in the optimizer.
+Every step's randomness is ``fold_in(state.rng, step)``, so a resumed run
+draws exactly what an uninterrupted one would.
+
+With gradient accumulation the step's batch (``config.batch_size`` rows)
+is split into ``k`` micro-batches inside the one jitted step: micro-batch
+``j`` holds rows ``j, j + k, j + 2k, ...`` (so each stays split over all
+devices without moving a row) and the row index ``ROW``; the gradients of
+the micro-batches' losses are averaged, then the optimizer updates once.
+Every micro-batch gets the step's key: a loss whose draws are keyed by
+``ROW`` (DreamBooth's) computes the update of the whole batch.
 """
 
 from typing import Any, Callable
@@ -14,12 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from personalize_jax.engine import ema as ema_lib
 from personalize_jax.engine import optim, sharding
 from personalize_jax.models import layers
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+# The batch key of each micro-batch row's index in the step's batch (int32).
+ROW = "row"
 
 
 @flax.struct.dataclass
@@ -29,6 +42,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  ema: Any = None  # the parameters' moving average (None: config.ema off).
 
 
 def place_params(params, mesh: Mesh, dtype=None):
@@ -47,12 +61,14 @@ def place_params(params, mesh: Mesh, dtype=None):
 
 
 def create_train_state(params, tx: optax.GradientTransformation, seed: int,
-                       mesh: Mesh) -> TrainState:
+                       mesh: Mesh, *, ema: bool = False) -> TrainState:
   """The sharded initial state: parameters placed, optimizer state made on device.
 
   The optimizer state is created by a jitted ``tx.init`` on the already
   sharded parameters, with each moment laid out like its parameter, so
-  nothing of model size is ever built on the host or replicated.
+  nothing of model size is ever built on the host or replicated. With
+  ``ema`` the moving average starts as a copy of the parameters, laid out
+  like them.
   """
   params = place_params(params, mesh)
   opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params,
@@ -61,7 +77,13 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
   # Made by a program over the mesh, as a key cannot be cut out on the host.
   step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)),
                       out_shardings=sharding.replicated(mesh))()
-  return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+  average = None
+  if ema:
+    # A copy (jit would hand an unchanged input back): both are donated.
+    average = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                      out_shardings=shardings_of(params))(params)
+  return TrainState(step=step, params=params, opt_state=opt_state, rng=rng,
+                    ema=average)
 
 
 def opt_state_shardings(abstract_opt_state, params, mesh: Mesh):
@@ -117,7 +139,7 @@ def abstract_host(tree, target):
 
 
 def abstract_train_state(params, tx: optax.GradientTransformation,
-                         mesh: Mesh) -> TrainState:
+                         mesh: Mesh, *, ema: bool = False) -> TrainState:
   """What ``create_train_state`` would make, as ``ShapeDtypeStruct``s.
 
   Shapes, dtypes and shardings only (``jax.eval_shape``): a step can be
@@ -133,7 +155,8 @@ def abstract_train_state(params, tx: optax.GradientTransformation,
   return TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
       params=params, opt_state=opt_state,
-      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated))
+      rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+      ema=params if ema else None)
 
 
 def shardings_of(tree):
@@ -152,7 +175,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, labels, *, nan_policy: str,
                     state_shardings, frozen_shardings, mesh: Mesh,
                     post_update: Callable[[Any, jax.Array], Any] | None = None,
-                    debug_nan_at_step: int = 0):
+                    debug_nan_at_step: int = 0, accumulation_steps: int = 1,
+                    ema_decay: Callable[[jax.Array], jax.Array] | None = None):
   """Builds the jitted ``train_step(state, frozen, batch) -> (state, metrics)``.
 
   Args:
@@ -160,9 +184,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     tx: the optimizer (masked to trainable leaves).
     schedule: the learning-rate schedule, reported per step.
     labels: ``optim.trainable_labels`` of the params, for the gradient norm.
-    nan_policy: ``skip`` keeps the old params and optimizer state when the
-      loss or gradients are not finite; ``stop`` applies the update (the loop
-      stops without saving it).
+    nan_policy: ``skip`` keeps the old params, optimizer state (and moving
+      average) when the loss or gradients are not finite; ``stop`` applies
+      the update (the loop stops without saving it).
     state_shardings: shardings of ``TrainState`` leaves.
     frozen_shardings: shardings of the frozen parameters.
     mesh: the mesh; batches are split along their leading axis over it.
@@ -171,6 +195,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     debug_nan_at_step: multiply the loss of this step (counted from 1) by NaN,
       which makes its gradients NaN too, to test ``nan_policy``; 0 leaves the
       compiled step as it would be without this option.
+    accumulation_steps: micro-batches per update (see the module docstring);
+      1 computes the loss on the whole batch at once. Loss and metrics are
+      the micro-batches' means.
+    ema_decay: ``ema.decay_schedule``: the state's moving average is updated
+      after the optimizer with the decay of the update count (reported as
+      ``ema_decay``); None: the state has none.
   """
 
   def step_loss_fn(params, frozen, batch, rng, step):
@@ -182,11 +212,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       loss = loss * factor.astype(loss.dtype)
     return loss, metrics
 
+  grad_fn = jax.value_and_grad(step_loss_fn, has_aux=True)
+
+  def accumulated_grad_fn(params, frozen, batch, rng, step):
+    """``grad_fn`` over ``accumulation_steps`` micro-batches, averaged."""
+
+    def micro_step(total, micro):
+      (loss, metrics), grads = grad_fn(params, frozen, micro, rng, step)
+      return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, metrics) = jax.lax.scan(
+        micro_step, zeros, micro_batches(batch, accumulation_steps, mesh))
+    mean = lambda x: jnp.mean(x, axis=0)
+    return ((mean(losses), jax.tree.map(mean, metrics)),
+            jax.tree.map(lambda g: g / accumulation_steps, grads))
+
   def train_step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     with layers.batch_sharded_activations(mesh, sharding.BATCH_AXES):
-      (loss, metrics), grads = jax.value_and_grad(step_loss_fn, has_aux=True)(
-          state.params, frozen, batch, rng, state.step)
+      (loss, metrics), grads = (
+          grad_fn if accumulation_steps == 1 else accumulated_grad_fn)(
+              state.params, frozen, batch, rng, state.step)
     trained = jax.tree.map(
         lambda g, label: jnp.zeros_like(g) if label == optim.FREEZE else g,
         grads, labels)
@@ -195,11 +242,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     if post_update is not None:
       params = post_update(params, state.step)
+    average = state.ema
+    if ema_decay is not None:
+      decay = ema_decay(state.step + 1)
+      average = ema_lib.update(state.ema, params, decay)
+      metrics["ema_decay"] = decay
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
       keep = lambda new, old: jnp.where(finite, new, old)
-      params = jax.tree.map(keep, params, state.params)
-      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      params, opt_state, average = jax.tree.map(
+          keep, (params, opt_state, average),
+          (state.params, state.opt_state, state.ema))
     # Per component, as big_vision's l2_params / l2_updates: a switch that
     # trains nothing shows as a zero update norm (of what was applied).
     for name in params:
@@ -209,7 +262,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    learning_rate=schedule(state.step), finite=finite)
     return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), metrics
+                         opt_state=opt_state, ema=average), metrics
 
   return jax.jit(
       train_step,
@@ -217,6 +270,24 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
+
+
+def micro_batches(batch: dict, k: int, mesh: Mesh) -> dict:
+  """A step's batch as ``k`` stacked micro-batches, each split over ``mesh``.
+
+  Leaves ``(n, ...)`` become ``(k, n // k, ...)``: micro-batch ``j`` holds
+  rows ``j, j + k, ...``, which on a batch split over the devices are rows
+  each device already holds. ``ROW`` holds those rows' indices.
+  """
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  batch = dict(batch, **{ROW: jnp.arange(rows, dtype=jnp.int32)})
+  layout = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+  def split(x):
+    x = jnp.swapaxes(x.reshape((rows // k, k) + x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, layout)
+
+  return jax.tree.map(split, batch)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

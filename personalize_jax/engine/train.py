@@ -27,8 +27,9 @@ from personalize_jax.data import images as images_lib
 from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import checkpoints, metrics as metrics_lib
 from personalize_jax.engine import config as config_lib
-from personalize_jax.engine import distributed, final_eval
+from personalize_jax.engine import distributed, ema as ema_lib, final_eval
 from personalize_jax.engine import optim, rundir, sharding, state as state_lib
+from personalize_jax.engine.best import Best
 from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
 from personalize_jax.models import checkpoint
@@ -61,9 +62,10 @@ class Summary:
 
 
 # Keys a rerun on the same workdir may change: how a NaN is handled (the stop
-# message suggests --config.nan_policy=skip) and the evaluation after training.
+# message suggests --config.nan_policy=skip), the evaluation after training
+# and where metrics go besides metrics.jsonl.
 RESUMABLE_CHANGES = ("overwrite", "nan_policy", "debug_nan_at_step",
-                     "final_eval")
+                     "final_eval", "log")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -257,7 +259,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
       config, params, extra=method.extra_optimizers,
       row_masks=method.row_masks)
   # ------------------------------------------------------------- shardings
-  abstract_state = state_lib.abstract_train_state(params, tx, mesh)
+  use_ema = bool(config.ema.decay)
+  abstract_state = state_lib.abstract_train_state(params, tx, mesh,
+                                                  ema=use_ema)
   check_fsdp(abstract_state.params, mesh)
   frozen_dtype = dtype if config.mixed_precision == "bf16" else None
   replicated = sharding.replicated(mesh)
@@ -271,7 +275,8 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
                                              replicated),
     }
   else:
-    state = state_lib.create_train_state(params, tx, config.seed, mesh)
+    state = state_lib.create_train_state(params, tx, config.seed, mesh,
+                                         ema=use_ema)
     del params
     # The modules now hold the placed (sharded) arrays, so their unsharded
     # originals are freed: under FSDP they would otherwise stay whole on one
@@ -290,7 +295,9 @@ def build_trainer(config: ml_collections.ConfigDict, workdir: Path,
       debug_nan_at_step=config.debug_nan_at_step,
       state_shardings=state_lib.shardings_of(state),
       frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
-      post_update=method.post_update)
+      post_update=method.post_update,
+      accumulation_steps=config.gradient_accumulation_steps,
+      ema_decay=ema_lib.decay_schedule(config))
   return Trainer(mesh=mesh, pipeline=pipeline, method=method, state=state,
                  frozen=frozen, train_step=train_step)
 
@@ -329,7 +336,9 @@ def _run(config, workdir: Path, method_module) -> Summary:
     best.restore(meta)
     logging.info("resumed from step %d", start)
   # ------------------------------------------------------------------ loop
-  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start)
+  writer = (metrics_lib.MetricsWriter(
+      workdir, resume_step=start, run_config=config.to_dict(),
+      wandb_project=config.log.wandb_project if config.log.wandb else None)
             if is_chief() else _NoWriter())
   bar = metrics_lib.progress(config.num_steps, initial=start,
                              desc=config.method)
@@ -395,13 +404,13 @@ def _run(config, workdir: Path, method_module) -> Summary:
         window_start, window_steps = time.perf_counter(), 0
       if done % config.eval_every_steps == 0 or last_step:
         ensure_finite()
-        scalars = evaluate(config, mesh, method, pipeline, state.params, done,
-                           workdir)
+        scalars = evaluate(config, mesh, method, pipeline, weights(state),
+                           done, workdir)
         if scalars:
           writer.write(done, scalars)
           last.update(scalars)
         if best.update(done, scalars):
-          export(mesh, pipeline, state.params, workdir, config)
+          export(mesh, pipeline, weights(state), workdir, config)
           if is_chief():
             best.write(workdir)
         # Evaluation time is not training time: the window restarts.
@@ -428,9 +437,14 @@ def _run(config, workdir: Path, method_module) -> Summary:
   writer.close()
   steps = int(jax.device_get(state.step))
   if stopped_by is None and best.name is None:
-    export(mesh, pipeline, state.params, workdir, config)
+    export(mesh, pipeline, weights(state), workdir, config)
   return Summary(workdir=workdir, steps=steps, last_metrics=last,
                  stopped_by=stopped_by)
+
+
+def weights(state: state_lib.TrainState) -> Any:
+  """What samples, validation and the export use: the EMA when it is on."""
+  return state.params if state.ema is None else state.ema
 
 
 class _NoWriter:
@@ -441,45 +455,6 @@ class _NoWriter:
 
   def close(self):
     pass
-
-
-class Best:
-  """Tracks a method's best evaluation scalar; the export follows the best step."""
-
-  def __init__(self, metric: tuple[str, str] | None, patience: int):
-    self.name, self.mode = metric if metric else (None, "max")
-    self.patience = patience
-    self.step, self.value, self.evals_since = None, None, 0
-
-  def update(self, step: int, scalars: dict) -> bool:
-    """Records an evaluation; True when it is a new best."""
-    if self.name is None or self.name not in scalars:
-      return False
-    value = float(scalars[self.name])
-    better = self.value is None or (value > self.value if self.mode == "max"
-                                    else value < self.value)
-    if better:
-      self.step, self.value, self.evals_since = step, value, 0
-    else:
-      self.evals_since += 1
-    return better
-
-  @property
-  def exhausted(self) -> bool:
-    return bool(self.patience) and self.evals_since >= self.patience
-
-  def state(self) -> dict:
-    return {"best_step": self.step, "best_value": self.value,
-            "evals_since_best": self.evals_since}
-
-  def restore(self, meta: dict) -> None:
-    self.step = meta.get("best_step")
-    self.value = meta.get("best_value")
-    self.evals_since = meta.get("evals_since_best", 0)
-
-  def write(self, workdir: Path) -> None:
-    rundir.atomic_write_text(workdir / "best.json", json.dumps(
-        {"step": self.step, self.name: self.value}) + "\n")
 
 
 def split_trainable(config, method: Method,

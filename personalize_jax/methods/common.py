@@ -149,7 +149,17 @@ def epoch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
   return np.asarray(out, np.int32)
 
 
-def sample_latents(mean, std, rng, scaling_factor: float) -> jax.Array:
-  """A draw from the cached VAE posterior, scaled as the U-Net expects."""
-  return (mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
-          ) * scaling_factor
+def sample_latents(mean, std, rng, scaling_factor: float, *,
+                   rows: tuple[jax.Array, int] | None = None) -> jax.Array:
+  """A draw from the cached VAE posterior, scaled as the U-Net expects.
+
+  ``rows`` is ``(index, total)``: the rows of ``mean`` are rows ``index`` of
+  a step of ``total`` rows, and draw what those rows draw there (see
+  ``diffusion.draw_noise``); None: ``mean`` holds the whole step.
+  """
+  if rows is None:
+    eps = jax.random.normal(rng, mean.shape, mean.dtype)
+  else:
+    index, total = rows
+    eps = jax.random.normal(rng, (total,) + mean.shape[1:], mean.dtype)[index]
+  return (mean + std * eps) * scaling_factor

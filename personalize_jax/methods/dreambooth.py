@@ -20,6 +20,7 @@ from flax import nnx
 from personalize_jax import diffusion
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import distributed, optim
+from personalize_jax.engine import state as state_lib
 from personalize_jax.engine.method import Context, Graphs, Method
 from personalize_jax.errors import UserError
 from personalize_jax.methods import common
@@ -29,6 +30,12 @@ from personalize_jax.models import tokenizer as tokenizer_lib
 COMPONENTS = ("unet", "text_encoder")
 
 TEXT_ENCODER = r"^text_encoder\."  # the regex train_text_encoder adds.
+
+# The engine's training options this loss implements (the engine refuses
+# them for a method that does not list them): its randomness is keyed by the
+# step's row index, so micro-batches add up to the whole batch.
+TRAINING_OPTIONS = ("gradient_accumulation_steps", "loss.snr_gamma",
+                    "loss.noise_offset")
 
 
 def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -201,11 +208,28 @@ def prompt_embeddings(graphs: Graphs, params, frozen) -> jax.Array:
   return constants_["emb"]
 
 
-def training_rows(graphs: Graphs, scaling: float, params, frozen, batch, rng):
+def step_rows(config: ml_collections.ConfigDict,
+              batch) -> tuple[jax.Array, int] | None:
+  """Where a micro-batch's rows sit among the step's: ``(index, total)``.
+
+  The step's rows are its instance rows, then (with prior preservation) as
+  many class rows; None when ``batch`` is the whole step (no row index).
+  """
+  if state_lib.ROW not in batch:
+    return None
+  row, total = batch[state_lib.ROW], config.batch_size
+  if "class_mean" in batch:
+    return jnp.concatenate([row, total + row]), 2 * total
+  return row, total
+
+
+def training_rows(graphs: Graphs, scaling: float, params, frozen, batch, rng,
+                  *, rows: tuple[jax.Array, int] | None = None):
   """Latents and text states of the step's rows: instances, then class.
 
   Returns ``(latents, embs)`` with the batch's instance rows first and, with
   prior preservation (class rows in ``batch``), as many class rows after them.
+  ``rows`` places them in the step (``step_rows``).
   """
   emb = prompt_embeddings(graphs, params, frozen)
   bs = batch["instance_mean"].shape[0]
@@ -216,7 +240,8 @@ def training_rows(graphs: Graphs, scaling: float, params, frozen, batch, rng):
     stds.append(batch["class_std"])
     embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
   latents = common.sample_latents(jnp.concatenate(means),
-                                  jnp.concatenate(stds), rng, scaling)
+                                  jnp.concatenate(stds), rng, scaling,
+                                  rows=rows)
   return latents, jnp.concatenate(embs)
 
 
@@ -253,16 +278,29 @@ def prior_weight(config: ml_collections.ConfigDict) -> float | None:
 
 def denoising_loss(config, graphs: Graphs, data: Data, params, frozen, batch,
                    rng) -> tuple[jax.Array, dict]:
-  """DreamBooth's loss: instance (and class-prior) denoising errors."""
+  """DreamBooth's loss: instance (and class-prior) denoising errors.
+
+  ``config.loss`` adds diffusers' offset noise and Min-SNR-gamma weights
+  (of every row, the class rows too, as kohya's scripts weigh them).
+  """
   schedule = data.schedule
   unet = graphs("unet", params, frozen)
   latent_rng, noise_rng = jax.random.split(rng)
+  rows = step_rows(config, batch)
   latents, embs = training_rows(graphs, data.scaling, params, frozen, batch,
-                                latent_rng)
-  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape)
-  err = diffusion.denoising_error(unet, schedule, latents, noise, t, embs)
-  return loss_from_errors(err, batch["instance_mean"].shape[0],
-                          prior_loss_weight=prior_weight(config))
+                                latent_rng, rows=rows)
+  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape,
+                                  rows=rows,
+                                  noise_offset=config.loss.noise_offset)
+  gamma = config.loss.snr_gamma
+  err = diffusion.denoising_error(unet, schedule, latents, noise, t, embs,
+                                  snr_gamma=gamma)
+  loss, metrics = loss_from_errors(err, batch["instance_mean"].shape[0],
+                                   prior_loss_weight=prior_weight(config))
+  if gamma:
+    metrics["loss/snr_weight"] = jnp.mean(
+        diffusion.min_snr_weight(schedule, t, gamma))
+  return loss, metrics
 
 
 def text_modules(ctx: Context) -> dict:

@@ -313,3 +313,13 @@ ALIGN_TINY = {
 ALIGN_TINY_PROCESSOR = dict(
     ALIGN_PROCESSOR, size={"height": 40, "width": 40},
     crop_size={"height": 32, "width": 32})
+
+# ------------------------------------------------------------- SDXL pipelines
+# ``load_stable_diffusion("tiny-sdxl")``: the tiny SDXL models above, a tiny
+# VAE with SDXL's latent scale, and the tiny schedule.
+TINY_SDXL = "tiny-sdxl"
+TINY_SDXL_VAE = dict(VAE, scaling_factor=0.13025, force_upcast=True)
+
+PUBLISHED["stabilityai/stable-diffusion-xl-base-1.0"] = {
+    "unet": SDXL_UNET, "text_encoder": SDXL_TEXT,
+    "text_encoder_2": SDXL_TEXT_2, "vae": SDXL_VAE}

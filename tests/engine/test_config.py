@@ -1,6 +1,8 @@
 """Tests for the base config and its validation."""
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,7 @@ def test_every_base_field_has_a_comment():
     ("learning_rate", 0.0),
     ("mixed_precision", "fp8"),
     ("nan_policy", "ignore"),
-    ("optimizer.schedule", "linear"),
+    ("optimizer.schedule", "exponential"),
     ("model.attention_impl", "flash"),
     ("trainable", ["unet.("]),
     ("trainable", []),
@@ -79,6 +81,19 @@ def test_every_base_field_has_a_comment():
     ("lora.alpha", 0.0),
     ("lora.init", "zeros"),
     ("lora.unet_targets", ["to_q("]),
+    ("optimizer.name", "adam"),
+    ("optimizer.power", 0.0),
+    ("optimizer.momentum", 1.0),
+    ("optimizer.momentum", -0.5),
+    ("loss.snr_gamma", -5.0),
+    ("loss.noise_offset", -0.1),
+    ("ema.decay", 1.0),
+    ("ema.decay", -0.5),
+    ("ema.warmup", "linear"),
+    ("ema.power", 0.0),
+    ("gradient_accumulation_steps", 0),
+    ("gradient_accumulation_steps", True),
+    ("gradient_accumulation_steps", 2),  # batch_size 1 does not split in 2.
 ])
 def test_bad_values_raise_one_line_naming_the_key(key, value):
   with pytest.raises(UserError) as error:
@@ -184,3 +199,54 @@ def test_custom_diffusion_refuses_lora(recipe):
   with pytest.raises(UserError, match=r"^config\.lora\.rank=4 is invalid for "
                      "Custom Diffusion"):
     _resolved(recipe, "tiny", **{"lora.rank": 4})
+
+
+# ------------------------------------------------------- training options
+
+
+def test_training_options_are_valid_where_the_method_implements_them():
+  config = _config(batch_size=4, gradient_accumulation_steps=2, **{
+      "loss.snr_gamma": 5.0, "loss.noise_offset": 0.1,
+      "optimizer.name": "lion", "optimizer.schedule": "polynomial",
+      "ema.decay": 0.999})
+  config_lib.validate(config, 2, methods.get("dreambooth"))
+
+
+def test_accumulation_needs_micro_batches_that_split_over_the_devices():
+  # 6 rows on 2 devices, but not 2 micro-batches of 2 devices' rows each.
+  with pytest.raises(UserError, match=r"^config\.gradient_accumulation_steps="
+                     r"2 is invalid: batch_size=6 .* 4 divides$"):
+    config_lib.validate(_config(batch_size=6, gradient_accumulation_steps=2),
+                        num_devices=2)
+
+
+@pytest.mark.parametrize("recipe", ["rpo_tpu", "lookforward_dreambooth_tpu"])
+@pytest.mark.parametrize("key, value", [
+    ("gradient_accumulation_steps", 2), ("loss.snr_gamma", 5.0),
+    ("loss.noise_offset", 0.1)])
+def test_methods_with_their_own_randomness_refuse_the_loss_options(
+    recipe, key, value):
+  config = recipes.load(recipe, "tiny", batch_size=2, **{key: value})
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  with pytest.raises(UserError) as error:
+    config_lib.validate(config, 1, method)
+  message = str(error.value)
+  assert message.startswith(f"config.{key}={value!r} is invalid: method "
+                            f"{config.method} does not implement it")
+  assert "\n" not in message
+
+
+def test_missing_wandb_is_a_one_line_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails.
+  config_lib.validate(_config(), num_devices=1)  # off: not needed.
+  with pytest.raises(UserError) as error:
+    config_lib.validate(_config(**{"log.wandb": True}), num_devices=1)
+  assert str(error.value) == (
+      "config.log.wandb=True is invalid: the wandb package is not installed: "
+      'pip install -e ".[wandb]", or set log.wandb=false')
+
+
+def test_wandb_on_is_valid_where_wandb_imports(monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+  config_lib.validate(_config(**{"log.wandb": True}), num_devices=1)

@@ -114,8 +114,36 @@ def test_without_warmup_the_first_step_has_the_peak_rate():
 
 
 def test_unknown_schedule_is_refused():
-  with pytest.raises(ValueError, match="optimizer.schedule='linear'"):
-    optim.learning_rate_schedule(_config(**{"optimizer.schedule": "linear"}))
+  with pytest.raises(ValueError, match="optimizer.schedule='exponential'"):
+    optim.learning_rate_schedule(_config(**{
+        "optimizer.schedule": "exponential"}))
+
+
+@pytest.mark.parametrize("schedule, power", [
+    ("linear", 1.0), ("polynomial", 1.0), ("polynomial", 2.0),
+    ("polynomial", 0.5)])
+@pytest.mark.parametrize("step", [0, 5, 10, 35, 60, 109, 110, 200])
+def test_decays_to_zero_after_warmup_follow_their_closed_forms(
+    schedule, power, step):
+  # diffusers' get_scheduler: linear warmup over 10 steps, then
+  # lr * (1 - progress) ** power over the 100 remaining steps (linear: 1).
+  rate = optim.learning_rate_schedule(_config(**{
+      "num_steps": 110, "optimizer.warmup_steps": 10,
+      "optimizer.schedule": schedule, "optimizer.power": power}))
+  if step < 10:
+    expected = LR * step / 10
+  else:
+    expected = LR * (1 - min((step - 10) / 100, 1.0)) ** power
+  assert float(rate(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def test_schedules_differ_where_they_say():
+  rates = {name: float(optim.learning_rate_schedule(_config(**{
+      "num_steps": 4, "optimizer.schedule": name, "optimizer.power": 2.0}))(2))
+           for name in optim.SCHEDULES}
+  assert rates == pytest.approx({"constant": LR, "linear": LR / 2,
+                                 "cosine": LR / 2, "polynomial": LR / 4},
+                                rel=1e-6)
 
 
 # ------------------------------------------------------------------ labels
@@ -155,10 +183,14 @@ def test_labels_search_names_and_extra_groups_come_first():
 # --------------------------------------------------------------- masking
 
 
-def test_frozen_leaves_stay_bit_identical_and_carry_no_moments():
+def _train_down_only(**overrides):
+  """3 steps training ``unet.down`` alone; checks that only it moves.
+
+  Returns the optimizer state.
+  """
   params = _params()
   config = _config(trainable=[r"^unet\.down\."], **{
-      "optimizer.weight_decay": 0.5})
+      "optimizer.weight_decay": 0.5, **overrides})
   tx, _, _ = optim.make_optimizer(config, params)
   new, opt_state = _run(tx, params, _sum_of_squares, steps=3)
   before, after = _by_name(params, params), _by_name(new, params)
@@ -167,6 +199,13 @@ def test_frozen_leaves_stay_bit_identical_and_carry_no_moments():
   for name in ("unet.down.weight", "unet.down.bias"):
     # Both the gradient and the weight decay move every element.
     assert np.all(after[name] != before[name]), name
+  # The loss falls: a working optimizer, not only a mover.
+  assert _sum_of_squares(new) < _sum_of_squares(params)
+  return opt_state
+
+
+def test_frozen_leaves_stay_bit_identical_and_carry_no_moments():
+  opt_state = _train_down_only()
   # Adam's mu and nu exist for the two trainable leaves only.
   moments = sorted(x.shape for x in jax.tree.leaves(opt_state) if x.ndim)
   assert moments == [(2, 3), (2, 3), (3,), (3,)]
@@ -224,3 +263,66 @@ def test_extra_optimizer_trains_its_leaves_with_its_own_rate():
   np.testing.assert_array_equal(new["qnetwork"]["w"][...], [0.0, 0.0, 0.0])
   np.testing.assert_allclose(new["unet"]["w"][...], [1.0 - LR, -2.0 + LR],
                              rtol=1e-6)
+
+
+# ----------------------------------------------------------- optimizer.name
+
+
+def test_unknown_optimizer_is_refused():
+  with pytest.raises(ValueError, match="optimizer.name='adam'"):
+    optim.make_optimizer(_config(**{"optimizer.name": "adam"}), _params())
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_every_optimizer_trains_the_trainable_leaves_only(name):
+  _train_down_only(**{"optimizer.name": name})
+
+
+W = np.array([3.0, -2.0, 0.5])
+
+
+def _trained_w(name, loss, steps=1, **overrides):
+  """``w``, from ``W``, after ``steps`` unclipped steps of ``name`` on ``loss``."""
+  params = {"unet": _state({"w": W})}
+  config = _config(**{"optimizer.name": name, "optimizer.clip_grad_norm": 0.0,
+                      **overrides})
+  tx, _, _ = optim.make_optimizer(config, params)
+  new, _ = _run(tx, params, lambda p: loss(p["unet"]["w"][...]), steps)
+  return np.asarray(new["unet"]["w"][...])
+
+
+def _cube(w):
+  return jnp.sum(w ** 3)  # gradient 3 w ** 2, positive.
+
+
+def test_lion_first_step_is_lr_times_sign_plus_decay():
+  # Lion: sign((1 - b1) g) = sign(g) = +1 here, then decoupled decay.
+  np.testing.assert_allclose(
+      _trained_w("lion", _cube, **{"optimizer.weight_decay": 0.25}),
+      W - LR * (1 + 0.25 * W), rtol=1e-6)
+
+
+def test_sgd_first_step_is_lr_times_gradient_plus_l2():
+  # torch.optim.SGD: the momentum buffer starts as g + wd * p.
+  np.testing.assert_allclose(
+      _trained_w("sgd", _cube, **{"optimizer.weight_decay": 0.25}),
+      W - LR * (3 * W ** 2 + 0.25 * W), rtol=1e-6)
+
+
+@pytest.mark.parametrize("momentum, moved", [(0.0, 2.0), (0.5, 2.5)])
+def test_sgd_momentum_comes_from_the_config(momentum, moved):
+  # Two steps of a unit gradient: 2 lr plain, (1 + 1.5) lr with momentum.
+  # The weights are float32: each step rounds at 1 ulp of |W| <= 3.
+  np.testing.assert_allclose(
+      W - _trained_w("sgd", jnp.sum, 2, **{"optimizer.momentum": momentum,
+                                           "optimizer.weight_decay": 0.0}),
+      moved * LR, rtol=0, atol=2 * np.spacing(np.float32(3.0)))
+
+
+def test_adafactor_factors_its_second_moment_of_large_matrices():
+  # Rows and columns of a 128 x 256 matrix, not 32k numbers.
+  params = {"unet": _state({"w": np.ones((128, 256)), "b": np.ones(4)})}
+  tx, _, _ = optim.make_optimizer(_config(**{"optimizer.name": "adafactor"}),
+                                  params)
+  sizes = sorted(x.size for x in jax.tree.leaves(tx.init(params)) if x.ndim)
+  assert 128 * 256 not in sizes and {128, 256} <= set(sizes)

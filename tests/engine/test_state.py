@@ -22,8 +22,9 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+import ml_collections
 
-from personalize_jax.engine import optim, sharding
+from personalize_jax.engine import checkpoints, ema as ema_lib, optim, sharding
 from personalize_jax.engine import state as state_lib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,13 +51,14 @@ def _expected_grad(w):
   return SCALE * (w - X.mean(axis=0))
 
 
-@functools.cache
-def _problem(nan_policy="stop", post_update=None, debug_nan_at_step=0):
+def _build(nan_policy="stop", post_update=None, debug_nan_at_step=0,
+           accumulation_steps=1, ema_decay=None, loss_fn=_quadratic):
   """The toy problem's parameters, optimizer, frozen values and jitted step.
 
   ``w`` trains with SGD (rate 0.5, momentum 0.5: a state worth keeping);
   ``b`` is frozen. The reported learning rate is ``0.5 + 0.25 * step``.
-  Cached, so that the tests of one configuration share its compiled step.
+  A step donates its state's arrays, the parameters returned among them:
+  step one state made from them (``_problem`` caches one per configuration).
   """
   mesh = sharding.create_mesh()
   params = {"unet": nnx.State({"w": nnx.Param(jnp.asarray(W0)),
@@ -66,19 +68,26 @@ def _problem(nan_policy="stop", post_update=None, debug_nan_at_step=0):
                               optim.FREEZE: optax.set_to_zero()}, labels)
   frozen = jax.device_put({"scale": jnp.float32(SCALE)},
                           sharding.replicated(mesh))
-  state = state_lib.create_train_state(params, tx, SEED, mesh)
+  state = state_lib.create_train_state(params, tx, SEED, mesh,
+                                       ema=ema_decay is not None)
   step = state_lib.make_train_step(
-      _quadratic, tx, lambda count: 0.5 + 0.25 * count, labels,
+      loss_fn, tx, lambda count: 0.5 + 0.25 * count, labels,
       nan_policy=nan_policy, state_shardings=state_lib.shardings_of(state),
       frozen_shardings=state_lib.shardings_of(frozen), mesh=mesh,
-      post_update=post_update, debug_nan_at_step=debug_nan_at_step)
+      post_update=post_update, debug_nan_at_step=debug_nan_at_step,
+      accumulation_steps=accumulation_steps, ema_decay=ema_decay)
   return params, tx, frozen, step, mesh
 
 
-def _setup(**kwargs):
-  """A fresh initial state with the frozen values and step of ``_problem``."""
-  params, tx, frozen, step, mesh = _problem(**kwargs)
-  state = state_lib.create_train_state(params, tx, SEED, mesh)
+# The tests of one configuration share its compiled step.
+_problem = functools.cache(_build)
+
+
+def _setup(build=_problem, **kwargs):
+  """A fresh initial state with the frozen values and step of ``build``."""
+  params, tx, frozen, step, mesh = build(**kwargs)
+  state = state_lib.create_train_state(
+      params, tx, SEED, mesh, ema=kwargs.get("ema_decay") is not None)
   return state, frozen, step, mesh
 
 
@@ -89,6 +98,11 @@ def _halve_and_add_step(params, step):
 def _run(steps, *, batches=None, **kwargs):
   """Host copies of the state before and after each step, and the metrics."""
   state, frozen, step, mesh = _setup(**kwargs)
+  return _steps(state, frozen, step, mesh, steps, batches)
+
+
+def _steps(state, frozen, step, mesh, steps, batches=None):
+  """``_run`` from a given state."""
   states, metrics = [jax.device_get(state)], []
   for i in range(steps):
     x = X if batches is None else batches[i]
@@ -265,6 +279,121 @@ def test_debug_nan_at_step_poisons_exactly_that_step(clean):
                (clean_states[2].params, clean_states[2].opt_state))
 
 
+# ---------------------------------------- accumulation and moving average
+
+
+def test_micro_batches_take_every_kth_row_and_its_index():
+  mesh = sharding.create_mesh()
+  x = np.arange(16, dtype=np.float32).reshape(8, 2)
+  micro = jax.jit(lambda b: state_lib.micro_batches(b, 2, mesh))({"x": x})
+  np.testing.assert_array_equal(micro[state_lib.ROW],
+                                [[0, 2, 4, 6], [1, 3, 5, 7]])
+  np.testing.assert_array_equal(micro["x"], [x[0::2], x[1::2]])
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_accumulated_micro_batches_give_the_update_of_the_whole_batch(
+    clean, k):
+  seen = []
+
+  def recording(params, frozen, batch, rng):
+    seen.append((batch["x"].shape, batch[state_lib.ROW].shape))
+    return _quadratic(params, frozen, batch, rng)
+
+  states, metrics = _run(3, build=_build, accumulation_steps=k,
+                         loss_fn=recording)
+  clean_states, clean_metrics = clean
+  # Traced once, inside the scan over micro-batches of 8 / k rows.
+  assert set(seen) == {((8 // k, 4), (8 // k,))}
+  for got, want in zip(states[1:], clean_states[1:]):
+    np.testing.assert_allclose(_w(got), _w(want), rtol=1e-6)
+    np.testing.assert_array_equal(_b(got), B0)
+  for got, want in zip(metrics, clean_metrics):
+    for key in ("loss", "grad_norm", "draw", "learning_rate"):
+      assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6)
+
+
+def _ema_config(warmup, decay=0.75):
+  return ml_collections.ConfigDict(
+      {"ema": {"decay": decay, "warmup": warmup, "power": 2 / 3}})
+
+
+def _numpy_decay(warmup, decay, count):
+  """diffusers' ``EMAModel.get_decay(count)`` (inv_gamma 1, power 2/3)."""
+  if warmup == "none":
+    return decay
+  step = count - 1
+  if step <= 0:
+    return 0.0
+  value = ((1 + step) / (10 + step) if warmup == "diffusers"
+           else 1 - (1 + step) ** (-2 / 3))
+  return min(value, decay)
+
+
+@pytest.mark.parametrize("warmup", ema_lib.WARMUPS)
+def test_ema_after_n_steps_is_the_numpy_recurrence_over_the_params(warmup):
+  states, metrics = _run(
+      4, build=_build, ema_decay=ema_lib.decay_schedule(_ema_config(warmup)))
+  np.testing.assert_array_equal(states[0].ema["unet"]["w"][...], W0)
+  average = W0.astype(np.float64)
+  for count in range(1, 5):
+    decay = _numpy_decay(warmup, 0.75, count)
+    assert float(metrics[count - 1]["ema_decay"]) == pytest.approx(decay)
+    average = average - (1 - decay) * (average - _w(states[count]))
+    # float32 round-off of weights up to 2.5 in size, near-zero ones too.
+    np.testing.assert_allclose(states[count].ema["unet"]["w"][...], average,
+                               rtol=1e-6, atol=4 * np.spacing(np.float32(2.5)))
+    # The frozen leaf never moves, nor does its average.
+    np.testing.assert_array_equal(states[count].ema["unet"]["b"][...], B0)
+  # Averaged, not followed: the average lags the trained weights.
+  assert not np.allclose(states[-1].ema["unet"]["w"][...], _w(states[-1]))
+
+
+@pytest.mark.parametrize("warmup, use_ema_warmup", [("diffusers", False),
+                                                    ("power", True)])
+def test_ema_decay_is_diffusers_ema_model_get_decay(warmup, use_ema_warmup):
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers.training_utils import EMAModel  # pylint: disable=g-import-not-at-top
+  reference = EMAModel([torch.nn.Parameter(torch.zeros(2))], decay=0.999,
+                       use_ema_warmup=use_ema_warmup, power=2 / 3)
+  decay = ema_lib.decay_schedule(_ema_config(warmup, 0.999))
+  for count in (1, 2, 3, 10, 100, 5000):
+    assert float(decay(count)) == pytest.approx(reference.get_decay(count),
+                                                rel=1e-6, abs=1e-7)
+
+
+def test_ema_off_leaves_no_average_in_the_state(clean):
+  clean_states, _ = clean
+  assert clean_states[-1].ema is None
+  assert ema_lib.decay_schedule(_ema_config("diffusers", 0.0)) is None
+
+
+def test_ema_is_kept_with_the_params_when_a_step_is_skipped():
+  poisoned = X.copy()
+  poisoned[0, 0] = np.nan
+  states, metrics = _run(2, batches=[X, poisoned], build=_build,
+                         nan_policy="skip",
+                         ema_decay=ema_lib.decay_schedule(_ema_config("none")))
+  assert not bool(metrics[1]["finite"])
+  _assert_same(states[2].ema, states[1].ema)
+
+
+def test_ema_is_checkpointed_and_resumes_exactly(tmp_path):
+  decay = ema_lib.decay_schedule(_ema_config("diffusers"))
+  straight, _ = _run(4, build=_build, ema_decay=decay)
+  state, frozen, step, mesh = _setup(build=_build, ema_decay=decay)
+  for _ in range(2):
+    state, _ = step(state, frozen, state_lib.shard_batch({"x": X}, mesh))
+  with checkpoints.CheckpointManager(tmp_path) as manager:
+    manager.save(2, state, {"step": 2})
+    manager.wait()
+    state, _ = manager.restore(2, state_lib.abstract_of(state))
+  assert state_lib.shardings_of(state.ema) == state_lib.shardings_of(
+      state.params)
+  resumed, _ = _steps(state, frozen, step, mesh, 2)
+  _assert_same(resumed[-1], straight[-1])
+
+
 # --------------------------------------------------------- 8-device FSDP
 
 _EIGHT_DEVICES = textwrap.dedent(r"""
@@ -302,7 +431,9 @@ _EIGHT_DEVICES = textwrap.dedent(r"""
       return {jax.tree_util.keystr(path): str(tuple(x.sharding.spec))
               for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
+    ema_state = state_lib.create_train_state(params, tx, 0, mesh, ema=True)
     result = {"devices": jax.device_count(), "params": specs(state.params),
+              "ema": specs(ema_state.ema),
               "opt": specs(state.opt_state),
               "scalars": specs((state.step, state.rng)),
               "abstract": specs(state_lib.abstract_of(state)) == specs(state)}
@@ -389,3 +520,7 @@ def test_fsdp_step_matches_one_device_and_keeps_the_layout(eight_devices):
   assert eight_devices["opt_after"] == eight_devices["opt"]
   assert eight_devices["max_diff"] < 1e-6
   assert eight_devices["moved"] == {p: "norm" not in p for p in FSDP_SPECS}
+
+
+def test_the_moving_average_is_sharded_like_its_params(eight_devices):
+  assert eight_devices["ema"] == FSDP_SPECS

@@ -25,6 +25,7 @@ PUBLISHED_PARAMS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": 859_520_964,
     "stabilityai/stable-diffusion-2-1-base": 865_910_724,
     "stabilityai/stable-diffusion-2-1": 865_910_724,
+    "stabilityai/stable-diffusion-xl-base-1.0": 2_567_463_684,
 }
 
 # SD 1.x style: conv projections, one head count; odd flags to test them too.
