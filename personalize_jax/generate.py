@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,14 +32,15 @@ from personalize_jax import diffusion, eval_dreambench, grids
 from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.engine import sharding
 from personalize_jax.errors import UserError, fail
-from personalize_jax.models import checkpoint, lora_files, presets
+from personalize_jax.models import checkpoint, lora_files
 from personalize_jax.models import tokenizer as tokenizer_lib
 
 GRID, SETTINGS = "grid.png", "generate.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 flags.DEFINE_string("model", None, "A run's export/ folder, a diffusers "
-                    "folder, a Hub id, or tiny (random tiny models).")
+                    "folder (SD 1.x/2.x or XL), a Hub id, or tiny / tiny-sdxl "
+                    "(random tiny models).")
 flags.DEFINE_string("base_model", "", "The pipeline a LoRA-only export adapts "
                     "(default: the one its train_config.json names).")
 flags.DEFINE_multi_string("lora", [], "A LoRA .safetensors file (or folder) "
@@ -144,7 +144,8 @@ def check(s: Settings) -> list[tuple[str, float]]:
       raise UserError(f"--out={s.out} is not empty; choose a new folder or "
                       "pass --overwrite to replace it")
     kept = [Path(p).expanduser().resolve() for p in (s.model, *s.lora)
-            if p != presets.TINY and Path(p).expanduser().exists()]
+            if p not in pipeline_lib.TINY_PIPELINES
+            and Path(p).expanduser().exists()]
     if any(_is_within(p, out) for p in [*kept, Path.cwd()]):
       raise UserError(f"--out={s.out} holds the model, a LoRA file or the "
                       "current folder; --overwrite would delete it: choose "
@@ -166,14 +167,15 @@ def load(s: Settings, loras: list[tuple[str, float]]
     CheckpointError: a model or LoRA file that cannot be loaded.
   """
   files = lora_files.read_loras(loras) if loras else []
-  model = presets.TINY if s.model == presets.TINY else str(
+  tiny = s.model in pipeline_lib.TINY_PIPELINES
+  model = s.model if tiny else str(
       checkpoint.resolve_pretrained(s.model).resolve())
   pipe = pipeline_lib.load_export(model, base=s.base_model,
                                   dtype=DTYPES[s.dtype])
   lora_files.fuse_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
                         files)
   source = {"model": model}
-  if model != presets.TINY and pipeline_lib.is_lora_folder(model):
+  if not tiny and pipeline_lib.is_lora_folder(model):
     source["base_model"] = s.base_model or checkpoint.read_json(
         Path(model) / "train_config.json")["model"]["pretrained"]
   elif s.base_model:

@@ -67,7 +67,8 @@ _CLASSES = {
     "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig),
 }
 # The random pipelines: component -> config.json values. The seed of each
-# component is the pipeline's seed plus its place here.
+# component is the pipeline's seed plus its place here. ``TINY_PIPELINES``
+# names them (``tiny``, ``tiny-sdxl``).
 _TINY = {
     presets.TINY: {"unet": presets.UNET, "vae": presets.VAE,
                    "text_encoder": presets.CLIP_TEXT},
@@ -76,6 +77,7 @@ _TINY = {
                         "text_encoder": presets.TINY_SDXL_TEXT,
                         "text_encoder_2": presets.TINY_SDXL_TEXT_2},
 }
+TINY_PIPELINES = tuple(_TINY)
 
 
 @dataclasses.dataclass

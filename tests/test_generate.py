@@ -114,6 +114,25 @@ def test_images_are_diffusion_generate_s(runs):
   np.testing.assert_array_equal(_pixels(folder), direct)
 
 
+def test_tiny_sdxl_images_are_diffusion_generate_s(tmp_path):
+  """An SDXL model through the command: its images are the SDXL pipeline's
+  (two text encoders, time ids), not an SD 1.x pipeline's."""
+  s = _settings(tmp_path / "xl", model="tiny-sdxl", num_images=1,
+                prompt=PROMPTS[:1], batch_size=1)
+  folder = generate.run(s, progress=False)
+  pipe = load_stable_diffusion("tiny-sdxl")
+  assert pipe.is_sdxl
+  mesh = sharding.create_mesh(-1, 1)
+  direct = diffusion.generate(
+      pipe, list(PROMPTS[:1]), seed=0, num_inference_steps=2,
+      guidance_scale=s.guidance, resolution=64, batch_size=1,
+      batch_sharding=sharding.batch_sharding(mesh))
+  with Image.open(folder / "00_00.png") as image:
+    np.testing.assert_array_equal(np.asarray(image), direct[0])
+  settings = json.loads((folder / generate.SETTINGS).read_text())
+  assert settings["source"]["model"] == "tiny-sdxl"
+
+
 def test_same_seed_same_bytes_other_seed_other_images(runs):
   base = _pngs(runs("base")[1])
   assert _pngs(runs("again")[1]) == base
