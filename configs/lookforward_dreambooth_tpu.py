@@ -5,14 +5,21 @@ constant with no warmup, 1,000 steps, prior preservation with 8 class images
 and weight 1.0, the text encoder trained with the U-Net. The reward is the
 look-forward reconstruction error in latent space, its critic a 0.26M
 ``QNetwork`` fitted to the one-step reward with SGD at lr 0.01, gamma 0.9986.
-The instance epsilon-loss keeps weight 1.0 as the paper writes the objective;
-``--config.lookforward.instance_loss_weight=0`` reproduces the public code.
+The instance epsilon-loss keeps weight 1.0 as the paper writes the objective,
+and the critic's gradient is clipped at global norm 1.0 (unclipped, one noisy
+timestep can throw the critic off). The ``released`` variant is the public
+code's setting: instance loss weight 0 and the critic's gradient unclipped
+(``--config.lookforward.instance_loss_weight=0
+--config.lookforward.critic_clip_grad_norm=0``); it combines with the others.
 
   python -m personalize_jax.main --config=configs/lookforward_dreambooth_tpu.py \
       --workdir=/tmp/lookforward --config.data.instance_dir=photos/ \
       --config.data.class_name=backpack
   python -m personalize_jax.main --config=configs/lookforward_dreambooth_tpu.py:tiny \
       --workdir=/tmp/lookforward-tiny
+  python -m personalize_jax.main \
+      --config=configs/lookforward_dreambooth_tpu.py:tiny,released \
+      --workdir=/tmp/lookforward-tiny-released
 
 Variants through flags: ``--config.lookforward.reward=dino`` (or ``both``),
 ``--config.lookforward.critic_target=td`` (the paper's cumulative Q with a
@@ -24,8 +31,9 @@ from personalize_jax.methods import dreambooth, lookforward
 
 
 def get_config(arg: str | None = None):
-  """The recipe; ``arg``: ``tiny`` (tiny random models on the drawn demo
-  subject), ``lora`` (rank-4 adapters at lr 1e-4), or ``tiny,lora``."""
+  """The recipe; ``arg`` lists variants by comma: ``tiny`` (tiny random models
+  on the drawn demo subject), ``lora`` (rank-4 adapters at lr 1e-4),
+  ``released`` (the public code's loss and critic), e.g. ``tiny,released``."""
   c = lookforward.add_config(dreambooth.add_config(config_lib.base_config()))
   c.method = "lookforward"
   c.model.pretrained = "CompVis/stable-diffusion-v1-4"
@@ -46,7 +54,19 @@ def get_config(arg: str | None = None):
   c.lookforward.critic_target = "one_step"
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 250
-  return config_lib.with_variant(c, arg, tiny)
+  # with_variant knows tiny and lora; released is this recipe's own.
+  names = config_lib.variants(arg)
+  if "released" in names:
+    released(c)
+  return config_lib.with_variant(
+      c, ",".join(n for n in names if n != "released"), tiny)
+
+
+def released(c):
+  """The public code's setting: no instance epsilon-loss, an unclipped critic."""
+  c.lookforward.instance_loss_weight = 0.0
+  c.lookforward.critic_clip_grad_norm = 0.0
+  return c
 
 
 def tiny(c):

@@ -1,0 +1,106 @@
+"""The recipes that reproduce a paper: configs/rpo_paper.py and Look Forward's
+``released`` variant. Configs only: nothing trains here."""
+
+import re
+
+import pytest
+
+from personalize_jax import methods
+from personalize_jax.engine import config as config_lib
+
+import recipes
+
+
+def _validated(config, num_devices=1):
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  config_lib.validate(config, num_devices, method)
+  return config
+
+
+# -------------------------------------------------------------- RPO paper
+
+def test_rpo_paper_recipe_has_the_papers_settings():
+  c = recipes.load("rpo_paper", None)
+  assert c.method == "rpo"
+  assert c.rpo.reward_model == "align"
+  assert c.model.pretrained == "stabilityai/stable-diffusion-2-1"
+  assert c.data.resolution == 512
+  assert c.batch_size == 1
+  assert c.learning_rate == 5e-6
+  assert c.num_steps == 400
+  assert c.rpo.lambda_val == 0.5
+  assert c.rpo.ref_prompt == "instance"  # the code's L_pre reference prompt
+  assert c.eval_every_steps == 40
+  assert c.rpo.val_prompts == c.rpo.object_prompts  # the training prompts
+  assert c.lora.rank == 0
+
+
+def test_rpo_paper_recipe_validates_on_one_device():
+  # Batch 1 needs a single device; the full recipe's config checks pass.
+  _validated(recipes.load("rpo_paper", None), num_devices=1)
+
+
+def test_rpo_paper_tiny_keeps_the_align_family_and_validates():
+  c = _validated(recipes.load("rpo_paper", "tiny"))
+  assert c.model.pretrained == "tiny"
+  assert c.rpo.reward_model == "align-tiny"
+  assert c.rpo.val_prompts == c.rpo.object_prompts
+  assert c.rpo.lambda_val == 0.5
+
+
+def test_rpo_paper_tiny_lora_validates():
+  c = _validated(recipes.load("rpo_paper", "tiny,lora"))
+  assert c.lora.rank == 32 and c.learning_rate == 1e-4
+  assert all("lora_" in pattern for pattern in c.trainable)
+
+
+def _table_rows(doc):
+  """The body rows of the docstring's markdown table (no header, no rule)."""
+  rows = [line for line in doc.splitlines() if line.startswith("|")]
+  return [row for row in rows[2:] if not re.fullmatch(r"[|\- ]+", row)]
+
+
+def test_rpo_paper_docstring_names_a_switch_on_each_difference():
+  module = config_lib.load_recipe(recipes.REPO / "configs" / "rpo_paper.py")
+  rows = _table_rows(module.__doc__)
+  assert rows, "rpo_paper.py's docstring has no table of differences"
+  for row in rows:
+    switch = row.strip("|").split("|")[-1]
+    assert "--config." in switch, row
+
+
+# ------------------------------------------------------ Look Forward released
+
+def test_lookforward_released_sets_the_public_codes_values_only():
+  default = recipes.load("lookforward_dreambooth_tpu", None).to_dict()
+  released = recipes.load("lookforward_dreambooth_tpu", "released").to_dict()
+  assert released["lookforward"]["instance_loss_weight"] == 0.0
+  assert released["lookforward"]["critic_clip_grad_norm"] == 0.0
+  assert default["lookforward"]["instance_loss_weight"] == 1.0
+  assert default["lookforward"]["critic_clip_grad_norm"] == 1.0
+  for key in ("instance_loss_weight", "critic_clip_grad_norm"):
+    del default["lookforward"][key], released["lookforward"][key]
+  assert released == default
+
+
+@pytest.mark.parametrize("variant", ["tiny,released", "released,tiny",
+                                     "tiny,lora,released"])
+def test_lookforward_released_combines_with_the_other_variants(variant):
+  names = config_lib.variants(variant)
+  base = recipes.load("lookforward_dreambooth_tpu",
+                      ",".join(n for n in names if n != "released"))
+  c = _validated(recipes.load("lookforward_dreambooth_tpu", variant))
+  assert c.model.pretrained == "tiny"
+  assert c.lookforward.instance_loss_weight == 0.0
+  assert c.lookforward.critic_clip_grad_norm == 0.0
+  _validated(base)
+  expected = base.to_dict()
+  expected["lookforward"].update(instance_loss_weight=0.0,
+                                 critic_clip_grad_norm=0.0)
+  assert c.to_dict() == expected
+
+
+def test_lookforward_unknown_variant_is_still_refused():
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    recipes.load("lookforward_dreambooth_tpu", "released,huge")
