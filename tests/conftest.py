@@ -23,9 +23,32 @@ os.environ.setdefault("XLA_FLAGS", xla_env.FAST_XLA)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+# The files that cost the most (CPU time of a clean-clone run, heaviest
+# first; each trains or compiles whole recipes). pytest-xdist hands whole
+# files to its workers (--dist loadfile) in collection order: these go first,
+# so that no worker is left alone with a long file at the end. Its default
+# order (files with the most tests first) ran exactly these last.
+HEAVY_FILES = (
+    "tests/test_tpu_compile.py",
+    "tests/engine/test_train.py",
+    "tests/test_faults.py",
+    "tests/test_benchmarks.py",
+    "tests/test_distributed.py",
+    "tests/methods/test_rpo.py",
+    "tests/methods/test_lookforward.py",
+    "tests/methods/test_dreambooth.py",
+    "tests/test_golden.py",
+    "tests/test_generate.py",
+)
+
+
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: runs whole trainings in subprocesses (minutes on CPU)")
+  # Keep the order pytest_collection_modifyitems makes (xdist's default
+  # reorders files by their number of tests).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
   # One compilation cache for the subprocess runs of the whole session
   # (tests/xla_env.py); made before pytest-xdist starts its workers, which
   # inherit the variable, and removed by the process that made it.
@@ -58,3 +81,12 @@ def _torch_threads():
     torch.manual_seed(0)
   except ImportError:
     pass
+
+
+def pytest_collection_modifyitems(config, items):
+  """Puts the tests of ``HEAVY_FILES`` first, heaviest file first; the rest
+  keep their order."""
+  del config
+  rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0],
+                                       len(HEAVY_FILES)))
