@@ -1,4 +1,7 @@
-"""DreamBench evaluation (DreamBooth protocol): DINO, CLIP-I, CLIP-T, H(lambda).
+"""DreamBench evaluation: DINO, CLIP-I, CLIP-T, H(lambda).
+
+By the DreamBooth paper's protocol (``protocol="dreambooth"``, the default)
+or the RPO authors' code's (``--config.protocol=rpo_code``).
 
   python -m personalize_jax.evaluate --config=configs/eval_dreambench.py \
       --config.images_dir=/path/to/generated --workdir=/tmp/eval
@@ -24,8 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_prompts = 25  # the first N prompts of each subject's list
   config.num_images_per_prompt = 4  # images per prompt (the paper: 4)
   config.unique_token = "sks"  # the rare token standing for the subject
-  config.dino_model = "facebook/dino-vits16"  # DINO ViT-S/16: folder, Hub id, tiny
-  config.clip_model = "openai/clip-vit-base-patch32"  # CLIP-I, CLIP-T, H(lam)
+  config.protocol = "dreambooth"  # or "rpo_code": the RPO code's CLIP and CLIP-T
+  config.dino_model = ""  # DINO ViT: folder, Hub id, tiny; "" = the protocol's
+  config.clip_model = ""  # CLIP-I/T, H(lam): folder, Hub id, tiny; "" = the protocol's
   config.harmonic_lams = (0.3, 0.5, 0.7)  # lambda values of the harmonic score
   config.batch_size = 16  # images per embedding call
   config.grid_thumbnail = 128  # side of each image in grids/<subject>.png

@@ -21,9 +21,15 @@ code's setting: instance loss weight 0 and the critic's gradient unclipped
       --config=configs/lookforward_dreambooth_tpu.py:tiny,released \
       --workdir=/tmp/lookforward-tiny-released
 
-Variants through flags: ``--config.lookforward.reward=dino`` (or ``both``),
-``--config.lookforward.critic_target=td`` (the paper's cumulative Q with a
-target network).
+Differences from the paper and from the public code, and the switch for
+each:
+
+| What | Here | Paper / public code | Switch |
+|------|------|---------------------|--------|
+| Instance epsilon-loss | weight 1 (the paper's objective) | the code: weight 0 | ``--config.lookforward.instance_loss_weight=0`` (``released``) |
+| Critic's gradient | clipped at global norm 1 | the code: unclipped | ``--config.lookforward.critic_clip_grad_norm=0`` (``released``) |
+| Critic's target | the one-step reward (the code's) | the paper: cumulative Q with a lagging target network | ``--config.lookforward.critic_target=td`` |
+| Reward | the latent reconstruction reward | the paper also reports DINO and both | ``--config.lookforward.reward=dino`` (or ``both``; ``configs/dino_reward_dreambooth_tpu.py``) |
 """
 
 from personalize_jax.engine import config as config_lib

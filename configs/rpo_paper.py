@@ -6,7 +6,8 @@ Diffusion 2.1 (v-prediction, 768 px native) trained at 512 px, ALIGN
 ``reward_lambda=0.5`` (the README's DreamBench row for it: DINO 0.652,
 CLIP-I 0.833, CLIP-T 0.314), a validation every 40 steps with 4 images per
 prompt, all 400 steps run and the best-validated step kept. Like the
-authors' code it validates on the training prompts and conditions the
+authors' code it validates on the subject's training prompts (the live set
+for dogs and cats, ``rpo.val_on_training_prompts``) and conditions the
 reference half of L_pre on the instance prompt (``rpo.ref_prompt=instance``,
 its pass reused for L_sim; ``configs/rpo_tpu.py`` uses the generated image's
 training prompt); everything else is ``configs/rpo_tpu.py``'s recipe (AdamW,
@@ -20,7 +21,6 @@ Remaining differences, and the switch that changes each:
 
 | What | Here | Paper / authors' code | Switch |
 |------|------|-----------------------|--------|
-| Validation prompts | the 8 object training prompts | the code validates on the subject's training prompts (the live set for dogs and cats) | ``--config.rpo.val_prompts`` (set it to ``rpo.live_prompts`` for a live subject) |
 | Batch on several devices | batch 1 needs one device | the code: one pair per step on one GPU | ``--config.batch_size=4`` (one pair per chip) |
 
 Differences no switch changes (see ``personalize_jax/methods/rpo.py``):
@@ -58,8 +58,8 @@ def get_config(arg: str | None = None):
   c.rpo.reward_model = "align"  # kakaobrain/align-base, the paper's.
   c.rpo.lambda_val = 0.5  # the README command's (its DreamBench row).
   c.rpo.ref_prompt = "instance"  # the code's L_pre reference prompt.
-  # The code validates on the training prompts (object set; see the table).
-  c.rpo.val_prompts = list(c.rpo.object_prompts)
+  # The code validates on the subject's training prompts (live or object).
+  c.rpo.val_on_training_prompts = True
   return config_lib.with_variant(c, arg, tiny, _RPO_TPU.lora)
 
 
@@ -67,5 +67,4 @@ def tiny(c):
   """rpo_tpu.py's tiny variant, keeping the paper's reward family (ALIGN)."""
   c = _RPO_TPU.tiny(c)
   c.rpo.reward_model = "align-tiny"
-  c.rpo.val_prompts = list(c.rpo.object_prompts)
   return c

@@ -1,4 +1,4 @@
-"""DreamBench evaluation, following the protocol of the DreamBooth paper.
+"""DreamBench evaluation, by the DreamBooth paper's protocol or the RPO code's.
 
 For each subject (30), each of its prompts (25) and N images per prompt (4,
 so 3,000 images in all) the generated images are compared with the subject's
@@ -11,7 +11,21 @@ reference photos:
            its prompt's, with the unique token removed from the prompt;
   H(lam)   the lambda-Harmonic score (``rewards.harmonic``) of each image
            from ALIGN-I = to_unit(its mean CLIP-I over the references) and
-           ALIGN-T = to_unit(its CLIP-T), averaged; lam = 0.3, 0.5, 0.7.
+           ALIGN-T = to_unit(its CLIP-T cosine), averaged; lam = 0.3, 0.5,
+           0.7.
+
+``config.protocol`` says which published protocol (``rewards.PROTOCOLS``):
+
+  dreambooth  the DreamBooth paper's (the default): CLIP ViT-B/32
+              (openai/clip-vit-base-patch32);
+  rpo_code    the RPO authors' code (github.com/andrew-miao/RPO,
+              evaluation_metrics.py): CLIP ViT-B/16
+              (openai/clip-vit-base-patch16), and CLIP-T as torchmetrics'
+              clip_score / 100, each image's cosine counted as at least 0.
+
+Both use DINO facebook/dino-vits16. ``config.dino_model`` and
+``config.clip_model`` left "" use the protocol's models; set, they override
+them (``metrics.md`` says so).
 
 ``rewards`` embeds the images and prompts (``rewards.Embedder``) and computes
 these scores (``rewards.subject_metrics``, ``rewards.reference_metrics``), as
@@ -210,9 +224,12 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     return (f"| {label} | "
             + " | ".join(_fmt(values.get(k)) for k in keys) + " |")
 
+  protocol = rewards.describe_protocol(
+      results["protocol"], results["dino_model"], results["clip_model"])
   lines = [f"# DreamBench ({results['num_subjects']} subjects x "
            f"{results['num_prompts']} prompts x "
-           f"{results['num_images_per_prompt']} images)", "", *header]
+           f"{results['num_images_per_prompt']} images)", "",
+           f"Protocol: {protocol}.", "", *header]
   lines += [row(n, v) for n, v in results["subjects"].items()]
   lines += [row("**overall**", results["overall"]),
             row("*reference images*", results["reference"]), "",
@@ -233,7 +250,8 @@ def evaluate(config: ml_collections.ConfigDict,
   first into ``<workdir>/images``.
 
   Raises:
-    UserError: missing or incomplete inputs, or inconsistent config values.
+    UserError: missing or incomplete inputs, or inconsistent config values
+      (an unknown ``protocol``: before anything is written).
   """
   workdir = Path(workdir)
   if config.num_prompts < 1 or config.num_images_per_prompt < 1:
@@ -242,6 +260,9 @@ def evaluate(config: ml_collections.ConfigDict,
     raise UserError("set exactly one of --config.images_dir (a folder of "
                     "generated images) and --config.model (a pipeline to "
                     "generate them with)")
+  protocol = rewards.get_protocol(config.protocol)
+  dino_model, clip_model = rewards.protocol_models(
+      protocol, config.dino_model, config.clip_model)
   subjects = dreambench.read_subjects(config.dataset_dir,
                                       parse_subjects(config.subjects))
   names = [s.name for s in subjects]
@@ -268,8 +289,8 @@ def evaluate(config: ml_collections.ConfigDict,
 
   references = dreambench.load_reference_images(
       config.dataset_dir, config.tfds_data_dir or workdir / "tfds", names)
-  dino = rewards.Embedder.dino(config.dino_model, chunk=config.batch_size)
-  clip = rewards.Embedder.clip(config.clip_model, chunk=config.batch_size)
+  dino = rewards.Embedder.dino(dino_model, chunk=config.batch_size)
+  clip = rewards.Embedder.clip(clip_model, chunk=config.batch_size)
   lams = tuple(config.harmonic_lams)
   (workdir / "grids").mkdir(exist_ok=True)
   per_subject, per_subject_ref = {}, {}
@@ -282,7 +303,8 @@ def evaluate(config: ml_collections.ConfigDict,
     text = np.repeat(clip.texts(prompts[name], token),
                      config.num_images_per_prompt, axis=0)
     per_subject[name] = rewards.subject_metrics(
-        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams)
+        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams,
+        clip_t_at_least_zero=protocol.clip_t_at_least_zero)
     per_subject_ref[name] = rewards.reference_metrics(dino_ref, clip_ref)
     column = grids.Column(title=f"{name}: generated", rows=generated,
                           scores=per_subject[name])
@@ -299,8 +321,9 @@ def evaluate(config: ml_collections.ConfigDict,
       "num_prompts": config.num_prompts,
       "num_images_per_prompt": config.num_images_per_prompt,
       "images_dir": str(images_dir),
-      "dino_model": str(config.dino_model),
-      "clip_model": str(config.clip_model),
+      "protocol": protocol.name,
+      "dino_model": dino_model,
+      "clip_model": clip_model,
   }
   (workdir / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
   (workdir / "metrics.md").write_text(markdown_report(results))

@@ -8,7 +8,9 @@ validation and evaluation alike:
     (or traced values) they run on the device in float32, jit- and
     grad-friendly; given NumPy arrays they run on the host in float64.
   * the DreamBench scores of a subject (DINO, CLIP-I, CLIP-T, H(lam)) and of
-    its photos against each other, built on that maths.
+    its photos against each other, built on that maths, and the published
+    protocols that measure them (``PROTOCOLS``: which DINO and CLIP, and
+    whether CLIP-T counts a negative cosine).
   * ``Embedder``: DINO, CLIP or ALIGN embeddings of uint8 images (and CLIP's
     or ALIGN's of prompts, read without the unique token) on the host,
     batched and jitted. RPO's rewards and validation measure ALIGN-I and
@@ -25,6 +27,7 @@ validation and evaluation alike:
       averaged over the references.
 """
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -37,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.errors import CheckpointError
+from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import (align_processor, checkpoint,
                                     image_processor, presets)
 from personalize_jax.models import tokenizer as tokenizer_lib
@@ -151,9 +154,91 @@ def harmonic_key(lam: float) -> str:
   return f"harmonic_{lam:g}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A published way of measuring the DreamBench scores.
+
+  Attributes:
+    name: its config value (``protocol``).
+    source: whose protocol it is, in words, for reports.
+    dino_model: the DINO ViT of the DINO score (a Hub id).
+    clip_model: the CLIP of CLIP-I, CLIP-T and H(lam) (a Hub id).
+    clip_t_at_least_zero: each image's CLIP-T cosine counts as at least 0
+      before the mean, as in torchmetrics' ``clip_score``
+      (``max(100 * cos, 0)``).
+  """
+  name: str
+  source: str
+  dino_model: str
+  clip_model: str
+  clip_t_at_least_zero: bool
+
+
+# The DreamBench protocols by config name. Both score the DINO ViT-S/16 CLS
+# cosine over all (generated, reference) pairs. "dreambooth": the DreamBooth
+# paper's, with CLIP ViT-B/32. "rpo_code": the RPO authors' code
+# (github.com/andrew-miao/RPO, evaluation_metrics.py), with CLIP ViT-B/16 and
+# CLIP-T from torchmetrics' clip_score divided by 100.
+PROTOCOLS = {p.name: p for p in (
+    Protocol("dreambooth", "the DreamBooth paper's", DEFAULT_DINO,
+             CLIP_VARIANTS["b32"], clip_t_at_least_zero=False),
+    Protocol("rpo_code", "the RPO code's", DEFAULT_DINO,
+             CLIP_VARIANTS["b16"], clip_t_at_least_zero=True),
+)}
+
+
+def get_protocol(name: str, key: str = "protocol") -> Protocol:
+  """The protocol of ``PROTOCOLS`` called ``name``.
+
+  Args:
+    name: its config value.
+    key: the config key ``name`` was read from, for the error message.
+
+  Raises:
+    UserError: an unknown name.
+  """
+  if str(name) not in PROTOCOLS:
+    raise UserError(f"config.{key}={name!r} is unknown: use one of "
+                    f"{', '.join(PROTOCOLS)}")
+  return PROTOCOLS[str(name)]
+
+
+def protocol_models(protocol: Protocol, dino_model: str = "",
+                    clip_model: str = "") -> tuple[str, str]:
+  """The DINO and CLIP models to score with: ``(dino, clip)``.
+
+  Args:
+    protocol: the protocol followed.
+    dino_model: "" for the protocol's, or a folder, Hub id or ``tiny``
+      that overrides it.
+    clip_model: the same for the CLIP.
+  """
+  return (str(dino_model) or protocol.dino_model,
+          str(clip_model) or protocol.clip_model)
+
+
+def describe_protocol(name: str, dino_model: str, clip_model: str) -> str:
+  """The protocol and the models used, in words, for reports.
+
+  ``the DreamBooth paper's (DINO facebook/dino-vits16; CLIP
+  openai/clip-vit-base-patch32)``; a model other than the protocol's reads
+  ``DINO tiny, overriding the protocol's facebook/dino-vits16``.
+  """
+  protocol = PROTOCOLS[name]
+  parts = []
+  for label, used, own in (("DINO", dino_model, protocol.dino_model),
+                           ("CLIP", clip_model, protocol.clip_model)):
+    overridden = "" if used == own else f", overriding the protocol's {own}"
+    parts.append(f"{label} {used}{overridden}")
+  if protocol.clip_t_at_least_zero:
+    parts.append("CLIP-T of each image counted as at least 0")
+  return f"{protocol.source} ({'; '.join(parts)})"
+
+
 def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
                     clip_gen: np.ndarray, clip_ref: np.ndarray,
-                    text: np.ndarray, lams: Sequence[float]) -> dict[str, float]:
+                    text: np.ndarray, lams: Sequence[float],
+                    clip_t_at_least_zero: bool = False) -> dict[str, float]:
   """The DreamBench scores of one subject's generated images, on the host.
 
   Args:
@@ -164,6 +249,9 @@ def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
     text: ``(n, e)`` CLIP text embedding of each generated image's prompt
       (unique token removed).
     lams: the lambda values of the harmonic scores.
+    clip_t_at_least_zero: count each image's CLIP-T cosine as at least 0
+      (``Protocol.clip_t_at_least_zero``); the harmonic scores read the
+      cosine as it is.
 
   Returns:
     ``dino`` and ``clip_i``, the mean cosine over all (generated, reference)
@@ -173,9 +261,12 @@ def subject_metrics(dino_gen: np.ndarray, dino_ref: np.ndarray,
   """
   dino_gen, dino_ref, clip_gen, clip_ref, text = (
       np.asarray(x) for x in (dino_gen, dino_ref, clip_gen, clip_ref, text))
+  clip_t = paired_cosine(clip_gen, text)
+  if clip_t_at_least_zero:
+    clip_t = np.maximum(clip_t, 0.0)
   out = {"dino": float(pairwise_cosine(dino_gen, dino_ref).mean()),
          "clip_i": float(pairwise_cosine(clip_gen, clip_ref).mean()),
-         "clip_t": float(paired_cosine(clip_gen, text).mean())}
+         "clip_t": float(clip_t.mean())}
   align_i, align_t = alignment_scores(clip_gen, clip_ref, text)
   for lam in lams:
     out[harmonic_key(lam)] = float(harmonic(align_i, align_t, lam).mean())

@@ -183,6 +183,12 @@ def test_cli_end_to_end(tmp_path):
         np.mean([results["subjects"][n][key] for n in expected]), rel=1e-9)
   markdown = (workdir / "metrics.md").read_text()
   assert "| teapot |" in markdown and "**overall**" in markdown
+  assert (results["protocol"], results["dino_model"],
+          results["clip_model"]) == ("dreambooth", "tiny", "tiny")
+  assert markdown.splitlines()[2] == (
+      "Protocol: the DreamBooth paper's (DINO tiny, overriding the "
+      "protocol's facebook/dino-vits16; CLIP tiny, overriding the "
+      "protocol's openai/clip-vit-base-patch32).")
   # Each subject's grid: its photos, then its prompts with their images,
   # headed by its scores (tiny: 32 px thumbnails).
   prompts = ev.dreambench_prompts(
@@ -196,6 +202,99 @@ def test_cli_end_to_end(tmp_path):
     with Image.open(workdir / "grids" / f"{name}.png") as grid:
       np.testing.assert_array_equal(np.asarray(grid.convert("RGB")),
                                     expected_grid)
+
+
+class _FakeEmbedder:
+  """Stands in for ``rewards.Embedder``: embeddings read off the pixels, and
+  one text vector for every prompt. No weights, so any model name works."""
+
+  TEXT = np.array([1.0, -1.0, 0.5, 0.0])
+
+  def images(self, images):
+    return np.stack([_fake_embedding(im) for im in images])
+
+  def texts(self, prompts, unique_token):
+    del unique_token
+    return np.tile(self.TEXT, (len(prompts), 1))
+
+
+def _fake_embedding(image):
+  return np.asarray(image, np.float64)[0, :2].reshape(-1)[:4] - 127.5
+
+
+@pytest.mark.parametrize("protocol, dino_model, clip_model, line", [
+    ("dreambooth", "", "", "the DreamBooth paper's (DINO facebook/dino-vits16;"
+     " CLIP openai/clip-vit-base-patch32)"),
+    ("rpo_code", "", "/my/clip", "the RPO code's (DINO facebook/dino-vits16; "
+     "CLIP /my/clip, overriding the protocol's openai/clip-vit-base-patch16; "
+     "CLIP-T of each image counted as at least 0)"),
+], ids=["dreambooth", "rpo_code"])
+def test_protocol_picks_the_models_and_clip_t_and_is_reported(
+    tmp_path, monkeypatch, protocol, dino_model, clip_model, line):
+  """Models left "" are the protocol's; rpo_code counts each image's CLIP-T
+  as at least 0. Stand-in embedders: nothing is loaded or downloaded."""
+  dataset, images, refs, generated = _write_inputs(tmp_path)
+  loaded = []
+
+  def fake_loader(kind):
+    def load(name, chunk):
+      del chunk
+      loaded.append((kind, name))
+      return _FakeEmbedder()
+    return load
+
+  monkeypatch.setattr(ev.rewards.Embedder, "dino", fake_loader("dino"))
+  monkeypatch.setattr(ev.rewards.Embedder, "clip", fake_loader("clip"))
+  monkeypatch.setattr(ev.dreambench, "load_reference_images",
+                      lambda dataset_dir, data_dir, names: refs)
+  config = _tiny_config()
+  config.update(dict(dataset_dir=str(dataset), images_dir=str(images),
+                     subjects="teapot,dog", protocol=protocol,
+                     dino_model=dino_model, clip_model=clip_model))
+  results = ev.evaluate(config, tmp_path / "work")
+
+  dino_used = dino_model or "facebook/dino-vits16"
+  clip_used = clip_model or "openai/clip-vit-base-patch32"
+  assert loaded == [("dino", dino_used), ("clip", clip_used)]
+  recorded = json.loads((tmp_path / "work" / "metrics.json").read_text())
+  assert (recorded["protocol"], recorded["dino_model"],
+          recorded["clip_model"]) == (protocol, dino_used, clip_used)
+  markdown = (tmp_path / "work" / "metrics.md").read_text()
+  assert f"\nProtocol: {line}.\n" in markdown
+  negatives = 0
+  for name in _REFS:
+    gen = np.stack([_fake_embedding(im)
+                    for im in generated[name].reshape(-1, 40, 40, 3)])
+    cos_t = _unit(gen) @ _unit(_FakeEmbedder.TEXT)
+    negatives += (cos_t < 0).sum()
+    expected = np.maximum(cos_t, 0) if protocol == "rpo_code" else cos_t
+    assert results["subjects"][name]["clip_t"] == pytest.approx(
+        expected.mean(), rel=1e-9), name
+  assert negatives >= 2  # so the floor changes the numbers
+
+
+def test_an_unknown_protocol_is_refused_before_anything_is_written(tmp_path):
+  dataset, images, _, _ = _write_inputs(tmp_path)
+  config = _tiny_config()
+  config.update(dict(dataset_dir=str(dataset), images_dir=str(images),
+                     protocol="dreambench"))
+  with pytest.raises(UserError) as raised:
+    ev.evaluate(config, tmp_path / "work")
+  assert str(raised.value) == ("config.protocol='dreambench' is unknown: use "
+                               "one of dreambooth, rpo_code")
+  assert not (tmp_path / "work").exists()
+
+
+def test_the_default_protocol_scores_with_the_dreambooth_papers_models():
+  config = recipes.load("eval_dreambench", None)
+  assert (config.protocol, config.dino_model, config.clip_model) == (
+      "dreambooth", "", "")
+  assert ev.rewards.protocol_models(ev.rewards.get_protocol(config.protocol),
+                                    config.dino_model, config.clip_model) == (
+      "facebook/dino-vits16", "openai/clip-vit-base-patch32")
+  tiny = _tiny_config()
+  assert (tiny.protocol, tiny.dino_model, tiny.clip_model) == (
+      "dreambooth", "tiny", "tiny")
 
 
 def test_cli_user_error(tmp_path):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from personalize_jax import rewards
 from personalize_jax.data import prompts as prompts_lib
-from personalize_jax.errors import CheckpointError
+from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import align_processor, image_processor, presets
 from personalize_jax.models.align import AlignModel
 
@@ -114,6 +114,72 @@ def test_dreambench_scores_match_numpy():
   # Identical pairs (cos = 1) are left out: including them would raise it.
   assert photos["clip_i"] < (_unit(ref) @ _unit(ref).T).mean()
   assert np.isnan(rewards.reference_metrics(ref[:1], ref[:1])["dino"])
+
+
+def test_clip_t_at_least_zero_clamps_each_image_before_the_mean():
+  rng = np.random.default_rng(3)
+  gen, ref = rng.normal(size=(8, 5)), rng.normal(size=(3, 5))
+  # Half the prompts point away from their image: negative cosines.
+  text = np.concatenate([gen[:4], -gen[4:]]) + 0.5 * rng.normal(size=(8, 5))
+  text_cos = np.sum(_unit(gen) * _unit(text), -1)
+  assert (text_cos < 0).sum() >= 3 and (text_cos > 0).sum() >= 3
+  align_i = ((_unit(gen) @ _unit(ref).T).mean(1) + 1) / 2
+  align_t = (text_cos + 1) / 2
+  plain = rewards.subject_metrics(gen, ref, gen, ref, text, (0.3, 0.5))
+  floored = rewards.subject_metrics(gen, ref, gen, ref, text, (0.3, 0.5),
+                                    clip_t_at_least_zero=True)
+  assert plain["clip_t"] == pytest.approx(text_cos.mean(), rel=1e-12)
+  assert floored["clip_t"] == pytest.approx(np.maximum(text_cos, 0).mean(),
+                                            rel=1e-12)
+  assert floored["clip_t"] > plain["clip_t"] + 0.1
+  # The other scores, the harmonic ones included, read the raw cosines.
+  for lam in (0.3, 0.5):
+    assert floored[rewards.harmonic_key(lam)] == pytest.approx(
+        np.mean(1 / (lam / align_i + (1 - lam) / align_t)), rel=1e-12)
+  assert {k: v for k, v in floored.items() if k != "clip_t"} == {
+      k: v for k, v in plain.items() if k != "clip_t"}
+
+
+def test_protocols_name_their_models():
+  assert {name: (p.dino_model, p.clip_model, p.clip_t_at_least_zero)
+          for name, p in rewards.PROTOCOLS.items()} == {
+              "dreambooth": ("facebook/dino-vits16",
+                             "openai/clip-vit-base-patch32", False),
+              "rpo_code": ("facebook/dino-vits16",
+                           "openai/clip-vit-base-patch16", True)}
+  assert all(rewards.get_protocol(name).name == name
+             for name in rewards.PROTOCOLS)
+
+
+def test_an_unknown_protocol_is_a_one_line_user_error():
+  with pytest.raises(UserError) as raised:
+    rewards.get_protocol("rpo", key="final_eval.protocol")
+  assert str(raised.value) == ("config.final_eval.protocol='rpo' is unknown: "
+                               "use one of dreambooth, rpo_code")
+  with pytest.raises(UserError, match=r"^config.protocol='' is unknown"):
+    rewards.get_protocol("")
+
+
+def test_protocol_models_are_the_protocols_unless_set():
+  rpo = rewards.PROTOCOLS["rpo_code"]
+  assert rewards.protocol_models(rpo) == ("facebook/dino-vits16",
+                                          "openai/clip-vit-base-patch16")
+  assert rewards.protocol_models(rpo, "/m/dino", "") == (
+      "/m/dino", "openai/clip-vit-base-patch16")
+  assert rewards.protocol_models(rewards.PROTOCOLS["dreambooth"], "",
+                                 "tiny") == ("facebook/dino-vits16", "tiny")
+
+
+def test_describe_protocol_says_whose_and_what_was_overridden():
+  assert rewards.describe_protocol(
+      "dreambooth", "facebook/dino-vits16", "openai/clip-vit-base-patch32"
+  ) == ("the DreamBooth paper's (DINO facebook/dino-vits16; "
+        "CLIP openai/clip-vit-base-patch32)")
+  assert rewards.describe_protocol(
+      "rpo_code", "facebook/dino-vits16", "tiny"
+  ) == ("the RPO code's (DINO facebook/dino-vits16; CLIP tiny, overriding "
+        "the protocol's openai/clip-vit-base-patch16; CLIP-T of each image "
+        "counted as at least 0)")
 
 
 def _jit(module, fn):

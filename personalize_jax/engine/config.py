@@ -135,8 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.final_eval.guidance_scale = 7.5  # classifier-free guidance.
   c.final_eval.seed = 2024  # the same noise for the base and the fine-tuned model.
   c.final_eval.batch_size = 8  # images per generation and embedding call.
-  c.final_eval.dino_model = "facebook/dino-vits16"  # DINO score: folder, Hub id or "tiny".
-  c.final_eval.clip_model = "openai/clip-vit-base-patch32"  # CLIP-I/T and H(lambda).
+  c.final_eval.protocol = "dreambooth"  # or "rpo_code": the RPO code's CLIP and CLIP-T.
+  c.final_eval.dino_model = ""  # DINO score: folder, Hub id or "tiny"; "" = the protocol's.
+  c.final_eval.clip_model = ""  # CLIP-I/T and H(lambda): the same; "" = the protocol's.
   c.final_eval.harmonic_lams = (0.3, 0.5)  # lambda values of the harmonic scores.
   c.final_eval.grid_thumbnail = 128  # side of each image in comparison.png.
   return c

@@ -5,7 +5,11 @@ where the method tracks one) and the base model it started from each draw
 ``final_eval.num_images_per_prompt`` images for every ``final_eval.prompts``
 prompt with the same seeds; DINO and CLIP embed them and the subject's own
 photos, and the DreamBench scores follow (``rewards.subject_metrics``:
-DINO, CLIP-I, CLIP-T and the lambda-Harmonic scores). Written to
+DINO, CLIP-I, CLIP-T and the lambda-Harmonic scores) by
+``final_eval.protocol``: the DreamBooth paper's (``dreambooth``) or the RPO
+authors' code's (``rpo_code``), see ``rewards.PROTOCOLS``, whose DINO and
+CLIP are used unless ``final_eval.dino_model`` / ``clip_model`` name others.
+Written to
 ``<workdir>/final_eval/``: ``metrics.json``, ``metrics.md`` (base, fine-tuned
 and the photos against each other), ``comparison.png`` (the photos on top,
 then a row per prompt: its text, the base model's images and the fine-tuned
@@ -37,19 +41,34 @@ MODELS = ("base", "finetuned")
 TITLES = {"base": "base model", "finetuned": "fine-tuned (export/)"}
 
 
-def check_models(config: ml_collections.ConfigDict) -> None:
-  """Resolves the DINO and CLIP models before the run starts.
+def protocol_and_models(fe: ml_collections.ConfigDict
+                        ) -> tuple[rewards.Protocol, str, str]:
+  """``(protocol, dino_model, clip_model)`` of ``config.final_eval``.
 
-  They are needed only at the end; a wrong path or a missing download should
-  not surface after hours of training.
+  Each model left "" is the protocol's; a set one overrides it.
 
   Raises:
-    UserError: a path that does not exist or a Hub id that cannot be fetched.
+    UserError: an unknown ``final_eval.protocol``.
+  """
+  protocol = rewards.get_protocol(fe.protocol, key="final_eval.protocol")
+  return (protocol,
+          *rewards.protocol_models(protocol, fe.dino_model, fe.clip_model))
+
+
+def check_models(config: ml_collections.ConfigDict) -> None:
+  """Checks the protocol and its DINO and CLIP models before the run starts.
+
+  They are needed only at the end; a wrong name, a wrong path or a missing
+  download should not surface after hours of training.
+
+  Raises:
+    UserError: an unknown protocol, a path that does not exist or a Hub id
+      that cannot be fetched.
   """
   if not config.final_eval.enabled:
     return
-  for key in ("dino_model", "clip_model"):
-    name = str(config.final_eval[key])
+  _, *names = protocol_and_models(config.final_eval)
+  for key, name in zip(("dino_model", "clip_model"), names):
     if name != presets.TINY:
       try:
         checkpoint.resolve_pretrained(name)
@@ -101,8 +120,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path,
     generated[name] = [list(images[i * n:(i + 1) * n])
                        for i in range(len(prompts))]
 
-  dino = rewards.Embedder.dino(fe.dino_model, chunk=fe.batch_size)
-  clip = rewards.Embedder.clip(fe.clip_model, chunk=fe.batch_size)
+  protocol, dino_model, clip_model = protocol_and_models(fe)
+  dino = rewards.Embedder.dino(dino_model, chunk=fe.batch_size)
+  clip = rewards.Embedder.clip(clip_model, chunk=fe.batch_size)
   dino_ref, clip_ref = dino.images(references), clip.images(references)
   text = np.repeat(clip.texts(prompts, data.unique_token),
                    fe.num_images_per_prompt, axis=0)
@@ -111,12 +131,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path,
   for name in MODELS:
     flat = [im for row in generated[name] for im in row]
     results[name] = rewards.subject_metrics(
-        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams)
+        dino.images(flat), dino_ref, clip.images(flat), clip_ref, text, lams,
+        clip_t_at_least_zero=protocol.clip_t_at_least_zero)
   results["reference"] = rewards.reference_metrics(dino_ref, clip_ref)
   results.update(
       prompts=prompts, num_images_per_prompt=fe.num_images_per_prompt,
       num_photos=len(references), models=sources,
-      dino_model=str(fe.dino_model), clip_model=str(fe.clip_model))
+      protocol=protocol.name, dino_model=dino_model, clip_model=clip_model)
   if write:
     _write(workdir / FOLDER, results, references, generated,
            fe.grid_thumbnail)
@@ -178,9 +199,11 @@ def _write(folder: Path, results, references, generated, thumb: int) -> None:
                            json.dumps(results, indent=1) + "\n")
   text = (f"# Final evaluation\n\n{len(results['prompts'])} prompts x "
           f"{results['num_images_per_prompt']} images against "
-          f"{results['num_photos']} photos of the subject (DINO: "
-          f"{results['dino_model']}, CLIP: {results['clip_model']}).\n\n"
-          + markdown(results))
+          f"{results['num_photos']} photos of the subject.\n\nProtocol: "
+          + rewards.describe_protocol(results["protocol"],
+                                      results["dino_model"],
+                                      results["clip_model"])
+          + ".\n\n" + markdown(results))
   rundir.atomic_write_text(folder / "metrics.md", text)
   picture, _ = comparison_image(references, generated, results, thumb)
   png = io.BytesIO()

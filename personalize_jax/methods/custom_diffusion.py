@@ -30,6 +30,8 @@ from personalize_jax.models import tokenizer as tokenizer_lib
 
 # The pipeline components config.trainable may name.
 COMPONENTS = ("unet", "text_encoder")
+# DreamBooth's loss, so DreamBooth's training options (engine/config.py).
+TRAINING_OPTIONS = dreambooth.TRAINING_OPTIONS
 
 # What trains, as ``config.trainable`` regexes: cross-attention K/V of the
 # U-Net and the text encoder's token table (whose rows ``row_masks`` limits

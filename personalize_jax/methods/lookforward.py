@@ -38,8 +38,10 @@ its input and target under ``stop_gradient``, so their gradients separate by
 construction; ``extra_optimizers`` gives the critic its SGD.
 
 ``config.lookforward.critic=False`` maximises the reward itself (it must be
-differentiable: DINO through the frozen VAE decoder and ViT), the paper's
-"DreamBooth + DINO reward" baseline. ``config.lookforward.base`` picks the
+differentiable: DINO through the frozen VAE decoder and ViT): an ablation.
+The paper's "DreamBooth + DINO reward" row learns the DINO reward with a
+critic (``configs/dino_reward_dreambooth_tpu.py``; its ``direct`` variant is
+the ablation). ``config.lookforward.base`` picks the
 method it builds on: DreamBooth, or Custom Diffusion (what trains, the new
 token).
 """
@@ -62,6 +64,9 @@ from personalize_jax.models.qnetwork import QNetwork
 
 # The pipeline components config.trainable may name.
 COMPONENTS = ("unet", "text_encoder")
+# Accumulation, offset noise and Min-SNR act on DreamBooth's part of the loss
+# (engine/config.py); the actor and critics see the same draws.
+TRAINING_OPTIONS = dreambooth.TRAINING_OPTIONS
 
 REWARDS = {"latent": ("latent",), "dino": ("dino",), "both": ("latent", "dino")}
 CRITIC_TARGETS = ("one_step", "td")
@@ -298,19 +303,30 @@ def loss_fn(setup: Setup, params, frozen, batch, rng):
   params = custom_diffusion.restrict(params, setup.rows)
   unet = setup.graphs("unet", params, frozen)
   latent_rng, noise_rng = jax.random.split(rng)
+  rows = dreambooth.step_rows(cfg, batch)
   latents, embs = dreambooth.training_rows(setup.graphs, setup.data.scaling,
-                                           params, frozen, batch, latent_rng)
+                                           params, frozen, batch, latent_rng,
+                                           rows=rows)
   bs = batch["instance_mean"].shape[0]
-  # DreamBooth's draws and errors, so that with actor_weight=0 the loss is
-  # DreamBooth's exactly.
-  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape)
+  # DreamBooth's draws and errors (keyed by row, with its offset noise and
+  # Min-SNR weights), so that with actor_weight=0 the loss is DreamBooth's
+  # exactly.
+  noise, t = diffusion.draw_noise(schedule, noise_rng, latents.shape,
+                                  rows=rows,
+                                  noise_offset=cfg.loss.noise_offset)
   noisy = schedule.add_noise(latents, noise, t)
   pred = unet(noisy, t, embs).astype(jnp.float32)
   err = diffusion.per_sample_error(
       pred, schedule.training_target(latents, noise, t))
+  gamma = cfg.loss.snr_gamma
+  if gamma:
+    err = err * diffusion.min_snr_weight(schedule, t, gamma)
   loss, metrics = dreambooth.loss_from_errors(
       err, bs, prior_loss_weight=dreambooth.prior_weight(cfg),
       instance_loss_weight=lf.instance_loss_weight)
+  if gamma:
+    metrics["loss/snr_weight"] = jnp.mean(
+        diffusion.min_snr_weight(schedule, t, gamma))
 
   # Look forward from the instance rows only: the reward is about the subject.
   x0, t0 = latents[:bs], t[:bs]

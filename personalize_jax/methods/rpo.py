@@ -51,7 +51,7 @@ from flax import nnx
 
 from personalize_jax import diffusion, rewards
 from personalize_jax.data import images as images_lib
-from personalize_jax.engine import distributed, rundir
+from personalize_jax.engine import distributed, rundir, state as state_lib
 from personalize_jax.engine.method import Context, Graphs, Method, state_of
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.methods import common
@@ -92,6 +92,11 @@ VAL_PROMPTS = (
     "a {token} {class_name} at the beach during sunset",
 )
 REF_PROMPTS = ("training", "instance")
+# The engine's training options RPO implements (engine/config.py): its draws
+# are keyed by pair, offset noise goes into every draw and Min-SNR weighs
+# L_sim only (L_pre is Diffusion-DPO's margin, unweighted).
+TRAINING_OPTIONS = ("gradient_accumulation_steps", "loss.snr_gamma",
+                    "loss.noise_offset")
 
 
 def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -112,6 +117,9 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   r.lambda_train = 0.0  # lambda of training rewards (0: text alignment).
   r.lambda_val = 0.3  # lambda of validation (paper table; DreamBench: 0.5).
   r.val_prompts = list(VAL_PROMPTS)  # held-out validation prompts.
+  # Validate on the subject's training prompts (the live or object set, as
+  # the authors' code does) instead of val_prompts.
+  r.val_on_training_prompts = False
   r.num_val_images = 4  # validation images per validation prompt.
   r.shared_noise = False  # one noise and timestep per pair (Diffusion-DPO).
   r.ref_prompt = "training"  # prompt of L_pre's ref half: training, instance.
@@ -176,6 +184,14 @@ def preference_labels(rng: np.random.Generator, reward_ref: np.ndarray,
   diff = np.asarray(reward_ref, np.float64) - np.asarray(reward_gen, np.float64)
   prob = 0.5 * (1.0 + np.tanh(0.5 * diff))  # sigmoid, without overflow.
   return (rng.random(diff.shape) < prob).astype(np.float32)
+
+
+def validation_prompts(config: ml_collections.ConfigDict) -> list[str]:
+  """The prompts validation draws: ``rpo.val_prompts``, or the training
+  prompts of the subject's kind with ``rpo.val_on_training_prompts``."""
+  if config.rpo.val_on_training_prompts:
+    return training_prompts(config)
+  return common.format_prompts(config, config.rpo.val_prompts)
 
 
 def _fingerprint(value) -> str:
@@ -275,7 +291,7 @@ def prepare(ctx: Context, clip: rewards.Embedder
   """RPO's data, and the CLIP embeddings of the reference photos."""
   cfg = ctx.config
   prompts = training_prompts(cfg)
-  val_prompts = common.format_prompts(cfg, cfg.rpo.val_prompts)
+  val_prompts = validation_prompts(cfg)
   common.check_prompts(ctx, [common.instance_prompt(cfg)] + prompts
                        + val_prompts + common.format_prompts(
                            cfg, cfg.eval.prompts))
@@ -326,10 +342,33 @@ def make_batch(config: ml_collections.ConfigDict, data: Data,
           "labels": labels}
 
 
-def _noise(schedule, rng, shape, shared: bool):
-  """Noise and timesteps for ``[ref; gen]``, shared across a pair or not."""
-  rows = shape[0] // 2 if shared else shape[0]
-  noise, t = diffusion.draw_noise(schedule, rng, (rows,) + tuple(shape[1:]))
+def pair_rows(config: ml_collections.ConfigDict, batch
+              ) -> tuple[jax.Array, int] | None:
+  """Where a micro-batch's pairs sit among the step's (``state.ROW``):
+  ``(index, total)`` of its pairs, None when ``batch`` is the whole step."""
+  if state_lib.ROW not in batch:
+    return None
+  return batch[state_lib.ROW], config.batch_size
+
+
+def _both_halves(rows):
+  """``rows`` of pairs as rows of ``[ref; gen]`` (ref halves first)."""
+  if rows is None:
+    return None
+  index, total = rows
+  return jnp.concatenate([index, total + index]), 2 * total
+
+
+def _noise(schedule, rng, shape, shared: bool, rows=None,
+           noise_offset: float = 0.0):
+  """Noise and timesteps for ``[ref; gen]``, shared across a pair or not.
+
+  ``rows`` (``pair_rows``) keys each pair's draws by its index in the step.
+  """
+  count = shape[0] // 2 if shared else shape[0]
+  noise, t = diffusion.draw_noise(
+      schedule, rng, (count,) + tuple(shape[1:]),
+      rows=rows if shared else _both_halves(rows), noise_offset=noise_offset)
   if shared:
     noise, t = jnp.concatenate([noise, noise]), jnp.concatenate([t, t])
   return noise, t
@@ -362,34 +401,42 @@ def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
   base_unet = base(params, frozen)
   emb = frozen["constants"]["emb"]
   bs = batch["ref_mean"].shape[0]
+  rows = pair_rows(config, batch)
+  offset = config.loss.noise_offset
   latent_rng, pair_rng, sim_rng = jax.random.split(rng, 3)
   latents = common.sample_latents(
       jnp.concatenate([batch["ref_mean"], batch["gen_mean"]]),
       jnp.concatenate([batch["ref_std"], batch["gen_std"]]), latent_rng,
-      data.scaling)
+      data.scaling, rows=_both_halves(rows))
   instance = jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])
   prompt = emb[1 + batch["prompt"]]
   ref_emb = instance if r.ref_prompt == "instance" else prompt
   pair_emb = jnp.concatenate([ref_emb, prompt])
-  noise, t = _noise(schedule, pair_rng, latents.shape, r.shared_noise)
+  noise, t = _noise(schedule, pair_rng, latents.shape, r.shared_noise, rows,
+                    offset)
   err_base = jax.lax.stop_gradient(diffusion.denoising_error(
       base_unet, schedule, latents, noise, t, pair_emb))
   if r.ref_prompt == "instance":
     err_theta = diffusion.denoising_error(unet, schedule, latents, noise, t,
                                           pair_emb)
-    err_sim = err_theta[:bs]
+    err_sim, t_sim = err_theta[:bs], t[:bs]
   else:
     # L_sim's instance-prompt pass rides in the same U-Net call.
-    sim_noise, sim_t = _noise(schedule, sim_rng, latents[:bs].shape, False)
+    sim_noise, sim_t = diffusion.draw_noise(
+        schedule, sim_rng, latents[:bs].shape, rows=rows, noise_offset=offset)
     err = diffusion.denoising_error(
         unet, schedule, jnp.concatenate([latents, latents[:bs]]),
         jnp.concatenate([noise, sim_noise]), jnp.concatenate([t, sim_t]),
         jnp.concatenate([pair_emb, instance]))
-    err_theta, err_sim = err[:2 * bs], err[2 * bs:]
+    err_theta, err_sim, t_sim = err[:2 * bs], err[2 * bs:], sim_t
   labels = batch["labels"]
   errors = (err_theta[:bs], err_base[:bs], err_theta[bs:], err_base[bs:])
   margin = r.beta * implicit_margin(*errors)
   pref_loss = preference_loss(*errors, labels, r.beta)
+  gamma = config.loss.snr_gamma
+  if gamma:  # on L_sim, the denoising term; L_pre's margin stays as it is.
+    snr_weight = diffusion.min_snr_weight(schedule, t_sim, gamma)
+    err_sim = err_sim * snr_weight
   sim_loss = jnp.mean(err_sim)
   metrics = {
       "loss/sim": sim_loss,
@@ -400,13 +447,15 @@ def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
       # fixed, so it says nothing about training).
       "pref/reward_margin": jnp.mean(margin),
   }
+  if gamma:
+    metrics["loss/snr_weight"] = jnp.mean(snr_weight)
   return sim_loss + pref_loss, metrics
 
 
 def validation(ctx: Context, clip: rewards.Embedder, ref_clip: np.ndarray):
   """``evaluate``: the lambda_val-Harmonic of validation images (fixed seeds)."""
   cfg = ctx.config
-  val_prompts = common.format_prompts(cfg, cfg.rpo.val_prompts)
+  val_prompts = validation_prompts(cfg)
   val_text = clip.texts(val_prompts, cfg.data.unique_token)
 
   def evaluate(step: int, pipeline) -> dict[str, float]:
@@ -477,7 +526,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   key = "live_prompts" if is_live_subject(config) else "object_prompts"
   if not r[key]:
     fail(key, "list at least one prompt template with {token} {class_name}")
-  if not r.val_prompts:
-    fail("val_prompts", "list at least one validation prompt template")
+  if not r.val_prompts and not r.val_on_training_prompts:
+    fail("val_prompts", "list at least one validation prompt template, or "
+         "set rpo.val_on_training_prompts=true")
   if not r.beta > 0:
     fail("beta", "it must be a positive number")

@@ -220,15 +220,27 @@ def test_accumulation_needs_micro_batches_that_split_over_the_devices():
                         num_devices=2)
 
 
-@pytest.mark.parametrize("recipe", ["rpo_tpu", "lookforward_dreambooth_tpu"])
+@pytest.mark.parametrize("recipe", ["custom_diffusion_tpu", "rpo_tpu",
+                                    "lookforward_dreambooth_tpu"])
+def test_every_method_takes_the_loss_options(recipe):
+  config = recipes.load(recipe, "tiny", batch_size=2, **{
+      "gradient_accumulation_steps": 2, "loss.snr_gamma": 5.0,
+      "loss.noise_offset": 0.1})
+  method = methods.get(config.method)
+  config_lib.resolve(config, method)
+  config_lib.validate(config, 1, method)
+
+
 @pytest.mark.parametrize("key, value", [
     ("gradient_accumulation_steps", 2), ("loss.snr_gamma", 5.0),
     ("loss.noise_offset", 0.1)])
-def test_methods_with_their_own_randomness_refuse_the_loss_options(
-    recipe, key, value):
-  config = recipes.load(recipe, "tiny", batch_size=2, **{key: value})
-  method = methods.get(config.method)
-  config_lib.resolve(config, method)
+def test_a_method_that_does_not_implement_an_option_refuses_it(key, value):
+  """A method module without ``TRAINING_OPTIONS`` (its randomness and loss
+  its own) refuses them in one line."""
+  config = recipes.load("dreambooth_tpu", "tiny", batch_size=2,
+                        **{key: value})
+  dreambooth = methods.get("dreambooth")
+  method = types.SimpleNamespace(validate=dreambooth.validate)
   with pytest.raises(UserError) as error:
     config_lib.validate(config, 1, method)
   message = str(error.value)

@@ -29,9 +29,13 @@ from personalize_jax.engine import metrics as metrics_lib
 from personalize_jax.engine import optim, state as state_lib, train
 from personalize_jax.methods import dreambooth
 from personalize_jax.models import checkpoint
+from personalize_jax.pipeline import load_stable_diffusion
 
 import recipes
 import xla_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
+import helpers as method_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASS_IMAGES = 4  # the tiny recipe's.
@@ -208,6 +212,78 @@ def test_min_snr_and_offset_noise_change_the_dreambooth_loss(accumulated):
   # The step's loss is the whole batch's, with both switches on.
   assert float(accumulated["whole"][1]["loss"]) == pytest.approx(
       losses["on"]["loss"], rel=1e-6)
+
+
+# The other methods implement the same options in their own losses:
+# checked on the loss (the engine's accumulation of gradients is the part
+# the DreamBooth step above shows).
+OTHER_METHODS = ("custom_diffusion_tpu", "rpo_tpu",
+                 "lookforward_dreambooth_tpu")
+
+
+def _micro_batch(batch: dict, k: int, j: int) -> dict:
+  """Micro-batch ``j`` of ``k`` as the engine cuts it: rows j, j + k, ...,
+  with their indices in the step."""
+  rows = np.arange(len(next(iter(batch.values()))))[j::k]
+  return dict({key: value[rows] for key, value in batch.items()},
+              **{state_lib.ROW: rows.astype(np.int32)})
+
+
+@pytest.fixture(scope="module", params=OTHER_METHODS)
+def method_losses(request, tmp_path_factory):
+  """A method's loss metrics on step 0's batch of 2 (pairs for RPO), whole and
+  as 2 micro-batches, with Min-SNR and offset noise on, and with each off."""
+  recipe = request.param
+  tmp = tmp_path_factory.mktemp(recipe)
+  # gamma 0.01: SD's schedule has SNR > 0.01 below t ~ 900, so most rows
+  # are weighted down.
+  options = {"batch_size": 2, "gradient_accumulation_steps": 2,
+             "loss.snr_gamma": 0.01, "loss.noise_offset": 0.1}
+  if recipe != "rpo_tpu":
+    options["dreambooth.class_images_dir"] = str(_class_images(tmp / "class"))
+  config = recipes.load(recipe, "tiny", **options)
+  module = methods.get(config.method)
+  config_lib.validate(config, 1, module)  # the method takes every option.
+  method, params, frozen = method_helpers.build(
+      module, config, tmp / "run", load_stable_diffusion("tiny"))
+  batch, rng = method.batch(0), jax.random.key(3)
+
+  def loss(part, **changes):
+    previous = dict(config.loss)
+    config.loss.update(changes)
+    try:  # a new function: traced again, with the changed options.
+      total, metrics = jax.jit(lambda *args: method.loss_fn(*args))(
+          params, frozen, part, rng)
+    finally:
+      config.loss.update(previous)
+    return {k: float(v) for k, v in dict(metrics, loss=total).items()}
+
+  return {"whole": loss(batch),
+          "micro": [loss(_micro_batch(batch, 2, j)) for j in range(2)],
+          "no_snr": loss(batch, snr_gamma=0.0),
+          "no_offset": loss(batch, noise_offset=0.0)}
+
+
+def test_each_methods_micro_batches_average_to_its_whole_batch(
+    method_losses):
+  whole, micro = method_losses["whole"], method_losses["micro"]
+  assert set(micro[0]) == set(whole)
+  for key, value in whole.items():
+    if key.startswith(("loss", "q/", "reward/")):
+      # Means over equal micro-batches: their mean is the whole batch's.
+      assert np.mean([m[key] for m in micro]) == pytest.approx(
+          value, rel=1e-5, abs=1e-7), key
+  # The two halves are different rows: they do not just repeat the whole.
+  assert micro[0]["loss"] != pytest.approx(micro[1]["loss"], rel=1e-4)
+
+
+def test_each_methods_loss_takes_min_snr_and_offset_noise(method_losses):
+  on = method_losses["whole"]
+  assert 0 < on["loss/snr_weight"] < 1
+  assert "loss/snr_weight" not in method_losses["no_snr"]
+  for off in ("no_snr", "no_offset"):
+    assert method_losses[off]["loss"] != pytest.approx(on["loss"],
+                                                       rel=1e-5), off
 
 
 # ------------------------------------------------------------------- CLI

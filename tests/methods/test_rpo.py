@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "configs" / "rpo_tpu.py"
+PAPER_RECIPE = REPO / "configs" / "rpo_paper.py"
 
 
 def _config(arg=None):
@@ -284,7 +284,7 @@ def test_training_prompts_follow_the_kind_of_subject(class_name, live,
   c.rpo.live_subject = live
   prompts = rpo.training_prompts(c)
   assert len(prompts) == 8 and expect in prompts
-  assert not set(common.format_prompts(c, c.rpo.val_prompts)) & set(prompts)
+  assert not set(rpo.validation_prompts(c)) & set(prompts)
 
 
 def _unit(x):
@@ -417,16 +417,16 @@ def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-  """The tiny recipe through ``main`` with the paper's kind of reward model
-  (a tiny ALIGN), evaluated every 2 steps, patience 2."""
+  """The paper's recipe (``configs/rpo_paper.py:tiny``: a tiny ALIGN reward,
+  the instance prompt in L_pre, validation on the training prompts) through
+  ``main``, evaluated every 2 steps, patience 2."""
   workdir = tmp_path_factory.mktemp("rpo") / "run"
   env = xla_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "personalize_jax.main",
-       f"--config={RECIPE}:tiny", f"--workdir={workdir}",
+       f"--config={PAPER_RECIPE}:tiny", f"--workdir={workdir}",
        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2",
-       "--config.rpo.reward_model=align-tiny"],
+       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -455,6 +455,8 @@ def test_cli_run_writes_negatives_metrics_and_export(cli_run):
   assert "trained" in stdout
   config = json.loads((workdir / "config.json").read_text())
   assert config["rpo"]["reward_model"] == "align-tiny"
+  assert config["rpo"]["ref_prompt"] == "instance"
+  assert config["rpo"]["val_on_training_prompts"]
 
 
 def _stop_step(evals: list[tuple[int, float]], patience: int):
