@@ -14,10 +14,14 @@
    through ``train.train_and_evaluate``, instrumented by wrapping the
    engine's functions, so the time in generation, training and validation is
    visible. Beside it, the split of U-Net work of the real recipe
-   (``configs/rpo_tpu.py``), counted from its config.
+   (``configs/rpo_tpu.py``), counted from its config. ``--rpo-online=N``
+   runs it as online RPO (``rpo.online_every_steps=N``) and reports what a
+   refresh of the negatives costs against a training step, measured and
+   counted for the real recipe.
 
   python benchmarks/sampling.py --shape=small --batch-sizes=1,2,4,8,16,32
   python benchmarks/sampling.py --shape=tiny --batch-sizes=1,2 --steps=2 --rpo-split
+  python benchmarks/sampling.py --no-sampling --rpo-split --rpo-online=5
 
 Prints JSON lines, then markdown tables.
 """
@@ -146,6 +150,7 @@ def rpo_split(args) -> dict:
   if args.rpo_steps:
     config.num_steps = args.rpo_steps
     config.eval_every_steps = min(config.eval_every_steps, args.rpo_steps)
+  config.rpo.online_every_steps = args.rpo_online
   rpo = methods.get("rpo")
   timer = PhaseTimer()
   make_step = state_lib.make_train_step
@@ -158,6 +163,7 @@ def rpo_split(args) -> dict:
     with contextlib.ExitStack() as stack:
       for obj, attr, name in (
           (rpo, "prepare", "prepare"), (train, "evaluate", "validation"),
+          (rpo.Online, "refresh", "online refresh"),
           (train, "export", "export"), (diffusion, "generate", "generate"),
           (checkpoints.CheckpointManager, "save", "checkpoint")):
         stack.enter_context(patched(obj, attr,
@@ -173,7 +179,7 @@ def rpo_split(args) -> dict:
   # Nested phases are reported inside their parent; the rest is set-up
   # (models, state, compilation of what is not timed above) and the loop.
   top = ("prepare", "train step (first: compile)", "train step",
-         "validation", "checkpoint", "export")
+         "validation", "online refresh", "checkpoint", "export")
   seconds["other"] = total - sum(seconds.get(k, 0.0) for k in top)
   record = {
       "benchmark": "rpo_split", "config": "configs/rpo_tpu.py:tiny",
@@ -181,8 +187,17 @@ def rpo_split(args) -> dict:
       "device": common.device_name(), "total_s": total, "seconds": seconds,
       "share": {k: v / total for k, v in seconds.items()},
       "train_steps_timed": timer.counts["train step"],
+      "online_every_steps": args.rpo_online,
       "load_average": common.load_average(),
   }
+  if args.rpo_online:
+    # Mean over the refreshes and the train steps after the first (which
+    # compiles the step).
+    refreshes = timer.counts["online refresh"]
+    step_s = seconds["train step"] / (timer.counts["train step"] - 1)
+    refresh_s = seconds["online refresh"] / refreshes
+    record.update(refreshes=refreshes, refresh_s=refresh_s, step_s=step_s,
+                  refresh_over_step=refresh_s / step_s)
   common.emit(record)
   return record
 
@@ -199,7 +214,8 @@ def rpo_unet_work(config) -> dict:
   prompts = len(r.live_prompts if r.live_subject else r.object_prompts)
   generation = prompts * r.num_images_per_prompt * r.gen_inference_steps * 2
   per_pair = 2 + 3 * 3 if r.ref_prompt == "training" else 2 + 2 * 3
-  training = config.num_steps * config.batch_size * per_pair
+  per_step = config.batch_size * per_pair
+  training = config.num_steps * per_step
   evals = config.num_steps // config.eval_every_steps
   images = len(config.eval.prompts) + len(r.val_prompts) * r.num_val_images
   validation = evals * images * config.eval.num_inference_steps * 2
@@ -210,7 +226,9 @@ def rpo_unet_work(config) -> dict:
                                        "validation": validation},
           "share": {"generation": generation / total,
                     "training": training / total,
-                    "validation": validation / total}}
+                    "validation": validation / total},
+          # Online RPO redraws every negative at each refresh.
+          "refresh_over_step": generation / per_step}
 
 
 def main(argv=None) -> dict:
@@ -227,6 +245,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--rpo-steps", type=int, default=0,
                       help="training steps of the timed RPO run (default: "
                       "the tiny recipe's)")
+  parser.add_argument("--rpo-online", type=int, default=0,
+                      help="run the timed RPO run as online RPO, refreshing "
+                      "the negatives every N steps")
   parser.add_argument("--no-sampling", action="store_true",
                       help="skip the batch-size sweep")
   args = parser.parse_args(argv)
@@ -254,6 +275,15 @@ def main(argv=None) -> dict:
     print()
     print(common.markdown_table(rows, [("phase", "phase (tiny RPO run)"),
                                        ("s", "seconds"), ("share", "share")]))
+    if split["online_every_steps"]:
+      work = out["rpo_unet_work"]
+      print()
+      print(common.markdown_table([
+          {"what": f"tiny RPO run, measured ({split['device']})",
+           "ratio": split["refresh_over_step"]},
+          {"what": "configs/rpo_tpu.py, counted in U-Net forward passes",
+           "ratio": work["refresh_over_step"]}],
+          [("what", "online refresh"), ("ratio", "refresh / train step")]))
   return out
 
 

@@ -56,6 +56,16 @@ def pytest_configure(config):
     os.environ[xla_env.CACHE_VARIABLE] = tempfile.mkdtemp(
         prefix="personalize_jax-xla-cache-")
     config.made_compilation_cache = os.environ[xla_env.CACHE_VARIABLE]
+  _use_the_cache_in_process()
+
+
+def _use_the_cache_in_process() -> None:
+  """In-process programs share the session's compilation cache too."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ[xla_env.CACHE_VARIABLE])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):

@@ -58,4 +58,7 @@ def test_step_one_losses_are_pinned(recipe, tmp_path):
   _, metrics = trainer.train_step(trainer.state, trainer.frozen, batch)
   got = {k: float(v) for k, v in jax.device_get(metrics).items()
          if k in GOLDEN[recipe]}
-  assert got == pytest.approx(GOLDEN[recipe], rel=1e-6, abs=0)
+  # XLA's CPU code differs between processors (AVX2 or AVX-512 kernels
+  # round sums differently): the same step differs by a few 1e-6 between
+  # machines; a change of the maths moves these values by far more.
+  assert got == pytest.approx(GOLDEN[recipe], rel=2e-5, abs=0)

@@ -31,6 +31,12 @@ CASES = {
     "rpo_reward_model": (["--config=configs/rpo_tpu.py:tiny",
                           "--config.rpo.reward_model=nonsense"], 1,
                          "config.rpo.reward_model='nonsense' is invalid"),
+    "rpo_online_negative": (["--config=configs/rpo_tpu.py:tiny",
+                             "--config.rpo.online_every_steps=-2"], 1,
+                            "config.rpo.online_every_steps=-2 is invalid"),
+    "rpo_online_never": (["--config=configs/rpo_tpu.py:tiny",
+                          "--config.rpo.online_every_steps=20"], 1,
+                         "no refresh happens before the last step"),
     "lookforward_reward": (
         ["--config=configs/lookforward_dreambooth_tpu.py:tiny",
          "--config.lookforward.reward=clip"], 1,

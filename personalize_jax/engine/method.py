@@ -88,6 +88,16 @@ class Method:
       parameter train; see ``optim.mask_rows``.
     post_update: ``(params, step) -> params``, non-gradient updates inside
       the jitted step (a lagging target network).
+    refresh: ``(step, pipeline, current) -> {name: float}``, called before
+      the batch of every step that is a positive multiple of
+      ``refresh_every_steps``, and once on resume for the last such step at or
+      before the restored one: the method renews data that depends on the
+      trained model (online RPO's negatives). ``pipeline`` carries the trained
+      parameters; ``current`` says whether they are those of ``step``
+      (False on a resume past it: the method reloads what it saved then).
+      The data must be a pure function of the step and those parameters, so
+      that ``batch`` stays one. The scalars are logged at ``step``.
+    refresh_every_steps: 0, or how often ``refresh`` runs.
   """
   trainable: Mapping[str, nnx.Module]
   loss_fn: LossFn
@@ -100,6 +110,8 @@ class Method:
       default_factory=dict)
   row_masks: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   post_update: Callable[[Any, jax.Array], Any] | None = None
+  refresh: Callable[[int, Any, bool], dict] | None = None
+  refresh_every_steps: int = 0
 
 
 def state_of(name: str, params, frozen):

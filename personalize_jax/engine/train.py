@@ -379,8 +379,23 @@ def _run(config, workdir: Path, method_module) -> Summary:
         state, frozen, state_lib.shard_batch(method.batch(start), mesh)
     ).compile()
     distributed.meet(f"train_step_compiled_{start}")
+  every = method.refresh_every_steps if method.refresh else 0
+  if every and start >= every:
+    # The data of the last refresh at or before the restored step.
+    method.refresh(start - start % every,
+                   with_params(pipeline, state.params), start % every == 0)
   with checkpoints.PreemptionHandler() as preemption:
     for step in range(start, config.num_steps):
+      if every and step > start and step % every == 0:
+        # The policy being trained (not its EMA) renews the method's data.
+        ensure_finite()
+        scalars = method.refresh(step, with_params(pipeline, state.params),
+                                 True)
+        if scalars:
+          writer.write(step, scalars)
+          last.update(scalars)
+        # Refreshing is not training time: the window restarts.
+        window_start, window_steps = time.perf_counter(), 0
       batch = state_lib.shard_batch(method.batch(step), mesh)
       state, step_metrics = train_step(state, frozen, batch)
       done = step + 1

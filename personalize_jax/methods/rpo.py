@@ -20,6 +20,12 @@ reward of Diffusion-DPO); with LoRA it is the trained U-Net with its adapters
 switched off, and no copy exists. Validation images of held-out prompts are scored by
 the lambda-Harmonic reward; the engine exports the best-scoring step.
 
+Online RPO (``rpo.online_every_steps=N``, the paper's stated future work):
+every N steps the U-Net being trained (not its EMA) draws the negatives anew
+(``generated_images/online_<step>/``, noise keyed by the step), the reward
+rescores them and the labels are drawn from the new rewards; the base U-Net
+of ``L_pre`` stays the starting one. Everything else is unchanged.
+
 Details, and where the public code (github.com/andrew-miao/RPO) differs:
 
   * Training rewards use ``lambda_train = 0`` (the paper's): text alignment
@@ -40,6 +46,7 @@ Details, and where the public code (github.com/andrew-miao/RPO) differs:
 import dataclasses
 import hashlib
 import json
+import time
 from typing import Any, Callable
 
 import jax
@@ -123,6 +130,10 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   r.num_val_images = 4  # validation images per validation prompt.
   r.shared_noise = False  # one noise and timestep per pair (Diffusion-DPO).
   r.ref_prompt = "training"  # prompt of L_pre's ref half: training, instance.
+  # Online RPO (the paper's future work): every N steps the U-Net being
+  # trained redraws the negatives, the reward rescores them and the labels
+  # follow the new rewards; 0: offline, the base model's negatives (the paper).
+  r.online_every_steps = 0
   c.rpo = r
   return c
 
@@ -206,13 +217,23 @@ def training_prompts(config: ml_collections.ConfigDict) -> list[str]:
       config, r.live_prompts if is_live_subject(config) else r.object_prompts)
 
 
-def generated_images(ctx: Context, prompts: list[str]
-                     ) -> tuple[list[np.ndarray], str]:
-  """The base model's images of every training prompt, and their fingerprint.
+def online_folder(workdir, step: int):
+  """Where online RPO keeps the negatives the policy of ``step`` drew."""
+  return workdir / "generated_images" / f"online_{step:06d}"
 
-  Image ``j`` of prompt ``k`` is ``generated_images/{k:02d}_{j:02d}.png``. A
-  manifest records what made them; when the prompts or settings change they
-  are all drawn again, in one ``generate`` call batched over the devices.
+
+def generated_images(ctx: Context, prompts: list[str], *, step: int = 0,
+                     pipeline=None, draw: bool = True
+                     ) -> tuple[list[np.ndarray], str] | None:
+  """Negatives of every training prompt, and their fingerprint.
+
+  Step 0: the base model's, image ``j`` of prompt ``k`` in
+  ``generated_images/{k:02d}_{j:02d}.png``. Online RPO's refresh at ``step``:
+  ``pipeline`` (the policy at that step) draws them into
+  ``online_folder(workdir, step)``, from noise keyed by the step. A manifest
+  records what made them; when the prompts or settings change they are all
+  drawn again, in one ``generate`` call batched over the devices. With
+  ``draw=False`` missing images are not drawn: None is returned.
   """
   cfg = ctx.config
   n = cfg.rpo.num_images_per_prompt
@@ -221,7 +242,12 @@ def generated_images(ctx: Context, prompts: list[str]
               "guidance": cfg.rpo.gen_guidance_scale,
               "resolution": cfg.data.resolution,
               "model": str(cfg.model.pretrained), "seed": cfg.seed}
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   folder = ctx.workdir / "generated_images"
+  if step:
+    manifest["online_step"] = step
+    rng = jax.random.fold_in(rng, step)
+    folder = online_folder(ctx.workdir, step)
   paths = [folder / f"{k:02d}_{j:02d}.png"
            for k in range(len(prompts)) for j in range(n)]
   manifest_path = folder / "manifest.json"
@@ -230,13 +256,16 @@ def generated_images(ctx: Context, prompts: list[str]
           and all(p.is_file() for p in paths))
   # Every process has looked before process 0 writes: they all take part
   # in generating, or none does.
-  distributed.barrier("generated_images_checked")
+  have = not distributed.any_process(not have)
+  if not have and not draw:
+    return None
   if not have:
-    logging.info("generating %d images for %d training prompts",
-                 len(paths), len(prompts))
+    logging.info("generating %d images for %d training prompts%s",
+                 len(paths), len(prompts),
+                 f" (online refresh at step {step})" if step else "")
     images = diffusion.generate(
-        ctx.pipeline, [p for p in prompts for _ in range(n)],
-        rng=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+        pipeline or ctx.pipeline, [p for p in prompts for _ in range(n)],
+        rng=rng,
         num_inference_steps=cfg.rpo.gen_inference_steps,
         guidance_scale=cfg.rpo.gen_guidance_scale,
         resolution=cfg.data.resolution,
@@ -286,6 +315,30 @@ class Data:
   schedule: diffusion.NoiseSchedule
 
 
+def negatives(ctx: Context, clip: rewards.Embedder, prompts: list[str],
+              ref_clip: np.ndarray, *, step: int = 0, pipeline=None,
+              draw: bool = True) -> tuple[str, dict, dict] | None:
+  """The negatives of ``step`` (0: the base model's; see ``generated_images``):
+  their fingerprint, VAE latents and training rewards (``training_rewards``),
+  all cached in the workdir. None when ``draw`` is False and the images are
+  not there."""
+  cfg = ctx.config
+  drawn = generated_images(ctx, prompts, step=step, pipeline=pipeline,
+                           draw=draw)
+  if drawn is None:
+    return None
+  generated, fingerprint = drawn
+  latents = common.encode_latents(
+      ctx, common.pixels(cfg, generated, flips=False),
+      f"generated_latents_{fingerprint}")
+  scores = common.cached(
+      ctx.cache_dir / "rpo_rewards_{}.npz".format(_fingerprint(
+          [fingerprint, cfg.rpo.reward_model, cfg.rpo.lambda_train,
+           len(ref_clip)])),
+      lambda: training_rewards(cfg, clip, prompts, ref_clip, generated))
+  return fingerprint, latents, scores
+
+
 def prepare(ctx: Context, clip: rewards.Embedder
             ) -> tuple[Data, np.ndarray]:
   """RPO's data, and the CLIP embeddings of the reference photos."""
@@ -299,24 +352,56 @@ def prepare(ctx: Context, clip: rewards.Embedder
   reference = common.encode_latents(
       ctx, common.pixels(cfg, references, flips=cfg.data.random_flip),
       "instance_latents")
-  generated, fingerprint = generated_images(ctx, prompts)
-  generated_latents = common.encode_latents(
-      ctx, common.pixels(cfg, generated, flips=False),
-      f"generated_latents_{fingerprint}")
+  ref_clip = clip.images(references)
+  fingerprint, generated_latents, scores = negatives(ctx, clip, prompts,
+                                                     ref_clip)
   emb = common.encode_text(ctx, [common.instance_prompt(cfg)] + prompts,
                            f"rpo_prompt_embeddings_{fingerprint}")
-  ref_clip = clip.images(references)
-  scores = common.cached(
-      ctx.cache_dir / "rpo_rewards_{}.npz".format(_fingerprint(
-          [fingerprint, cfg.rpo.reward_model, cfg.rpo.lambda_train,
-           len(references)])),
-      lambda: training_rewards(cfg, clip, prompts, ref_clip, generated))
   return Data(reference=reference, generated=generated_latents,
               num_references=len(references),
               num_flips=2 if cfg.data.random_flip else 1, emb=emb,
               reward_ref=scores["ref"], reward_gen=scores["gen"],
               scaling=ctx.pipeline.vae.scaling_factor,
               schedule=ctx.pipeline.schedule), ref_clip
+
+
+class Online:
+  """Online RPO: the data of the last refresh, renewed by ``refresh``.
+
+  ``refresh(step, pipeline, current)`` (the engine calls it every
+  ``rpo.online_every_steps`` steps) has the policy of ``step`` draw new
+  negatives, rescores them and swaps them into ``data``; the references,
+  prompts and their rewards stay. The negatives are cached in the workdir
+  under the step, so a run resumed past a refresh reloads them.
+  """
+
+  def __init__(self, ctx: Context, clip: rewards.Embedder, data: Data,
+               ref_clip: np.ndarray):
+    self.ctx, self.clip, self.data, self.ref_clip = ctx, clip, data, ref_clip
+
+  def refresh(self, step: int, pipeline, current: bool) -> dict[str, float]:
+    start = time.perf_counter()
+    prompts = training_prompts(self.ctx.config)
+    kwargs = dict(step=step, pipeline=pipeline)
+    out = negatives(self.ctx, self.clip, prompts, self.ref_clip, **kwargs,
+                    draw=current)
+    if out is None:
+      logging.warning(
+          "the negatives of the online refresh at step %d are missing from "
+          "%s: the restored policy draws them instead, so this run no longer "
+          "equals an uninterrupted one", step,
+          online_folder(self.ctx.workdir, step))
+      out = negatives(self.ctx, self.clip, prompts, self.ref_clip, **kwargs)
+    _, latents, scores = out
+    self.data = dataclasses.replace(self.data, generated=latents,
+                                    reward_gen=scores["gen"])
+    n = self.ctx.config.rpo.num_images_per_prompt
+    diff = (self.data.reward_ref[:, np.arange(len(scores["gen"])) // n]
+            - scores["gen"][None, :])
+    return {"online/reward_gen": float(np.mean(scores["gen"])),
+            # Mean Bradley-Terry probability that a reference is preferred.
+            "online/p_ref": float(np.mean(0.5 * (1.0 + np.tanh(0.5 * diff)))),
+            "online/refresh_sec": time.perf_counter() - start}
 
 
 def make_batch(config: ml_collections.ConfigDict, data: Data,
@@ -492,14 +577,17 @@ def build(ctx: Context) -> Method:
     frozen["base_unet"] = nnx.merge(graphdef, jax.tree.map(np.array, state))
   graphs = ctx.graphs({"unet": unet, **frozen})
   base = base_model(graphs, unet)
+  online = Online(ctx, clip, data, ref_clip)
   return Method(
       trainable={"unet": unet}, frozen=frozen,
       constants={"emb": data.emb},
       loss_fn=lambda params, frozen_, batch, rng: loss_fn(
           config, graphs, data, base, params, frozen_, batch, rng),
-      batch=lambda step: make_batch(config, data, step),
+      batch=lambda step: make_batch(config, online.data, step),
       evaluate=validation(ctx, clip, ref_clip),
-      best_metric=("val/harmonic", "max"))
+      best_metric=("val/harmonic", "max"),
+      refresh=online.refresh if config.rpo.online_every_steps else None,
+      refresh_every_steps=config.rpo.online_every_steps)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -531,3 +619,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "set rpo.val_on_training_prompts=true")
   if not r.beta > 0:
     fail("beta", "it must be a positive number")
+  every = r.online_every_steps
+  if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    fail("online_every_steps", "use 0 (offline, the paper) or a positive "
+         "number of steps between refreshes of the negatives")
+  if every >= config.num_steps:
+    fail("online_every_steps", f"no refresh happens before the last step "
+         f"(num_steps={config.num_steps}); use a smaller value, or 0")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -497,3 +498,103 @@ def test_early_stopping_and_the_export_follow_val_harmonic(cli_run):
   assert exported.keys() == at_best.keys()
   assert all(np.array_equal(exported[k], at_best[k]) for k in exported)
   assert not all(np.array_equal(exported[k], at_stop[k]) for k in exported)
+
+
+# ------------------------------------------------------------- online RPO
+
+def _online_config():
+  """4 steps of the tiny recipe, negatives redrawn at step 2, a checkpoint
+  after every step."""
+  c = _config("tiny")
+  c.num_steps = 4
+  c.rpo.online_every_steps = 2
+  c.checkpoint_every_steps = 1
+  c.keep_checkpoints = 10
+  c.log_every_steps = 1
+  c.eval_every_steps = 1000  # only after the last step.
+  c.final_eval.enabled = False
+  return c
+
+
+def _params_at(workdir: Path, step: int) -> dict:
+  raw = ocp.StandardCheckpointer().restore(
+      workdir / "checkpoints" / str(step) / "state")
+  return _unet_weights(raw["params"]["unet"])
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def online_runs(tmp_path_factory):
+  """An online run, and two copies of it resumed from step 3 (past the
+  refresh at step 2: its negatives come from the workdir) and from step 2
+  with the refresh's negatives deleted (the restored policy redraws them)."""
+  from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
+  tmp = tmp_path_factory.mktemp("online")
+  whole = tmp / "whole"
+  summaries = {"whole": train.train_and_evaluate(_online_config(), whole, rpo)}
+  for name, keep, drop_negatives in (("from_3", 3, False),
+                                     ("from_2", 2, True)):
+    copy = tmp / name
+    shutil.copytree(whole, copy)
+    for folder in (copy / "checkpoints").iterdir():
+      if folder.name.isdigit() and int(folder.name) > keep:
+        shutil.rmtree(folder)
+    shutil.rmtree(copy / "export")
+    if drop_negatives:
+      shutil.rmtree(rpo.online_folder(copy, 2))
+    summaries[name] = train.train_and_evaluate(_online_config(), copy, rpo)
+  return tmp, summaries
+
+
+def test_online_refresh_redraws_and_rescores_the_negatives(online_runs):
+  tmp, _ = online_runs
+  whole = tmp / "whole"
+  base = _pngs(whole / "generated_images")
+  online = _pngs(rpo.online_folder(whole, 2))
+  # The same files, drawn by the policy of step 2 from other noise.
+  assert online.keys() == base.keys() and len(base) == 4
+  assert all(online[k] != base[k] for k in base)
+  assert not rpo.online_folder(whole, 4).exists()  # 4 is the last step.
+  rewards_files = sorted((whole / "cache").glob("rpo_rewards_*.npz"))
+  assert len(rewards_files) == 2
+  gen = [np.load(f)["gen"] for f in rewards_files]
+  assert gen[0].shape == gen[1].shape == (4,)
+  assert not np.allclose(gen[0], gen[1])
+  rows = [json.loads(line) for line in
+          (whole / "metrics.jsonl").read_text().splitlines()]
+  refreshed = [r for r in rows if "online/reward_gen" in r]
+  assert [r["step"] for r in refreshed] == [2]
+  # The logged mean is that of the new rewards (one of the two files).
+  means = [float(np.mean(g)) for g in gen]
+  logged = refreshed[0]["online/reward_gen"]
+  assert sum(m == pytest.approx(logged, rel=1e-6) for m in means) == 1
+  assert 0.0 < refreshed[0]["online/p_ref"] < 1.0
+
+
+def test_online_run_resumed_before_or_after_a_refresh_is_bit_identical(
+    online_runs):
+  tmp, summaries = online_runs
+  whole = _params_at(tmp / "whole", 4)
+  assert not all(np.array_equal(whole[k], v)
+                 for k, v in _params_at(tmp / "whole", 2).items())
+  for name in ("from_3", "from_2"):
+    assert summaries[name].steps == 4
+    resumed = _params_at(tmp / name, 4)
+    assert resumed.keys() == whole.keys()
+    assert all(np.array_equal(resumed[k], whole[k]) for k in whole), name
+  # Redrawn from the restored step-2 policy: the same images, byte for byte.
+  assert (_pngs(rpo.online_folder(tmp / "from_2", 2))
+          == _pngs(rpo.online_folder(tmp / "whole", 2)))
+
+
+def test_online_every_steps_is_checked():
+  c = _config("tiny")
+  for bad in (-1, 20, 25):
+    c.rpo.online_every_steps = bad
+    with pytest.raises(UserError, match="config.rpo.online_every_steps="):
+      rpo.validate(c)
+  c.rpo.online_every_steps = 19
+  rpo.validate(c)
