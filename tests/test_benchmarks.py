@@ -69,7 +69,7 @@ def test_train_step_script():
 
 def test_sampling_script_and_rpo_split():
   lines = _run("sampling.py", "--shape=tiny", "--batch-sizes=1,2",
-               "--steps=2", "--rpo-split", "--rpo-steps=2")
+               "--steps=2", "--rpo-split", "--rpo-steps=2", "--rpo-online=1")
   by_kind = {}
   for line in lines:
     by_kind.setdefault(line["benchmark"], []).append(line)
@@ -90,8 +90,17 @@ def test_sampling_script_and_rpo_split():
              if " > " not in k) == pytest.approx(1.0)
   assert (split["seconds"]["prepare > generate"]
           <= split["seconds"]["prepare"])
+  # Online RPO: one refresh (before step 2), timed against a step.
+  assert split["online_every_steps"] == split["refreshes"] == 1
+  _positive(split, "refresh_s", "step_s", "refresh_over_step")
+  assert split["refresh_over_step"] == pytest.approx(
+      split["refresh_s"] / split["step_s"])
   (work,) = by_kind["rpo_unet_work"]
   assert sum(work["share"].values()) == pytest.approx(1.0)
+  # Every negative redrawn (prompts x images x DDIM steps x 2) over a step's
+  # U-Net work (pairs x (2 base + 3 x 3 trained rows)), for configs/rpo_tpu.py.
+  assert work["refresh_over_step"] == pytest.approx(
+      8 * 4 * 50 * 2 / (4 * 11))
 
 
 def test_memory_script_tiny_fsdp():

@@ -89,13 +89,14 @@ def test_pallas_attention_compiles_for_a_tpu_slice_only_with_shard_map(
     _attention_program(mesh, q_shape, k_len).compile()
 
 
-# (recipe, attention_impl, mesh.fsdp, functions): every tiny recipe, both
-# meshes, both ways of asking for Pallas, the validation sampler on both.
+# (recipe, attention_impl, mesh.fsdp, functions): every method (Custom
+# Diffusion's step inside Look Forward's on it: its K/V and token row, and the
+# critic with its own optimizer), both meshes, both ways of asking for Pallas,
+# the validation sampler on both.
 CASES = [
     ("dreambooth_tpu", "auto", 1, ("train_step", "ddim", "decode")),
     ("rpo_tpu", "pallas", 4, ("train_step", "ddim")),
-    ("custom_diffusion_tpu", "auto", 4, ("train_step",)),
-    ("lookforward_dreambooth_tpu", "pallas", 1, ("train_step",)),
+    ("lookforward_custom_diffusion_tpu", "pallas", 4, ("train_step",)),
     # LoRA: adapters sharded by FSDP, the base frozen, RPO's base the same
     # U-Net with its adapters off.
     ("rpo_tpu:lora", "pallas", 4, ("train_step",)),

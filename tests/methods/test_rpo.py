@@ -420,14 +420,16 @@ def test_lora_rpo_starts_at_the_full_loss_with_one_copy_of_the_unet(
 def cli_run(tmp_path_factory):
   """The paper's recipe (``configs/rpo_paper.py:tiny``: a tiny ALIGN reward,
   the instance prompt in L_pre, validation on the training prompts) through
-  ``main``, evaluated every 2 steps, patience 2."""
+  ``main``, evaluated every 2 steps, patience 2, as online RPO (negatives
+  redrawn every 3 steps; early stopping ends it at step 6 or later)."""
   workdir = tmp_path_factory.mktemp("rpo") / "run"
   env = xla_env.env()
   proc = subprocess.run(
       [sys.executable, "-m", "personalize_jax.main",
        f"--config={PAPER_RECIPE}:tiny", f"--workdir={workdir}",
        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2"],
+       "--config.keep_checkpoints=10", "--config.early_stopping_patience=2",
+       "--config.rpo.online_every_steps=3"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -458,6 +460,10 @@ def test_cli_run_writes_negatives_metrics_and_export(cli_run):
   assert config["rpo"]["reward_model"] == "align-tiny"
   assert config["rpo"]["ref_prompt"] == "instance"
   assert config["rpo"]["val_on_training_prompts"]
+  # Online: the policy of step 3 redrew the 4 negatives, and it was logged.
+  redrawn = sorted(p.name for p in rpo.online_folder(workdir, 3).glob("*.png"))
+  assert redrawn == names
+  assert [r["step"] for r in rows if "online/reward_gen" in r][:1] == [3]
 
 
 def _stop_step(evals: list[tuple[int, float]], patience: int):
