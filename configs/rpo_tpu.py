@@ -6,10 +6,11 @@ alignment only), beta = 1, AdamW at 5e-6 (weight decay 1e-2, gradient norm
 clipped at 1.0, constant), 400 steps, only the U-Net trains, a
 lambda-Harmonic validation every 40 steps that picks the exported step.
 
-Choices of this recipe:
-  * Model: SD 1.4, as in the paper's DreamBench comparison. The public code
-    (github.com/andrew-miao/RPO) defaults to SD 2.1 (768 px, v-prediction)
-    trained at 512 px; its 512 px sibling runs with
+Choices of this recipe (``configs/rpo_paper.py`` is the authors' setting):
+  * Model: SD 1.4, this project's choice (the model of the DreamBooth
+    baselines; the paper's text does not name the model behind its
+    DreamBench table). The public code (github.com/andrew-miao/RPO) trains
+    SD 2.1 (768 px, v-prediction) at 512 px; its 512 px sibling runs with
     ``--config.model.pretrained=stabilityai/stable-diffusion-2-1-base``.
   * Batch: the public code trains one (reference, generated) pair per step
     on one GPU. The engine splits the batch over every device, so on a v4-8
@@ -19,7 +20,11 @@ Choices of this recipe:
   * Validation: ``rpo.lambda_val = 0.3`` is the paper's hyper-parameter
     table; its headline DreamBench row (CLIP-I 0.833, CLIP-T 0.314) and the
     public README's command use 0.5 (``--config.rpo.lambda_val=0.5``).
-  * Reward model: CLIP ViT-B/32 stands in for ALIGN (no Flax port).
+  * Reward model: CLIP ViT-B/32, this project's default; the paper's ALIGN
+    is ``--config.rpo.reward_model=align`` (``kakaobrain/align-base``).
+  * Validation prompts: two held-out prompts (``rpo.val_prompts``); the
+    public code validates on the training prompts
+    (``--config.rpo.val_on_training_prompts=true``).
   * No flips, like the public code. It runs all 400 steps (no early
     stopping); ``--config.early_stopping_patience=N`` stops after N
     validations without a better score.

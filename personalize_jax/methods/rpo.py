@@ -39,8 +39,9 @@ Details, and where the public code (github.com/andrew-miao/RPO) differs:
   * Every (reference, generated) pair carries the rewards of its own two
     images; every training prompt is used (the public code pairs rewards of
     other images and, with fewer GPUs than prompts, drops prompts).
-  * The public code validates on the training prompts; here
-    ``rpo.val_prompts`` are held out.
+  * The public code validates on the training prompts
+    (``rpo.val_on_training_prompts=True``, as ``configs/rpo_paper.py``
+    does); by default ``rpo.val_prompts`` are held out.
 """
 
 import dataclasses
