@@ -320,13 +320,13 @@ def loss_fn(setup: Setup, params, frozen, batch, rng):
       pred, schedule.training_target(latents, noise, t))
   gamma = cfg.loss.snr_gamma
   if gamma:
-    err = err * diffusion.min_snr_weight(schedule, t, gamma)
+    snr_weight = diffusion.min_snr_weight(schedule, t, gamma)
+    err = err * snr_weight
   loss, metrics = dreambooth.loss_from_errors(
       err, bs, prior_loss_weight=dreambooth.prior_weight(cfg),
       instance_loss_weight=lf.instance_loss_weight)
   if gamma:
-    metrics["loss/snr_weight"] = jnp.mean(
-        diffusion.min_snr_weight(schedule, t, gamma))
+    metrics["loss/snr_weight"] = jnp.mean(snr_weight)
 
   # Look forward from the instance rows only: the reward is about the subject.
   x0, t0 = latents[:bs], t[:bs]

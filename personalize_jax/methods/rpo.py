@@ -193,9 +193,14 @@ def preference_labels(rng: np.random.Generator, reward_ref: np.ndarray,
   Returns:
     float32 labels, 1.0 where the reference image is preferred.
   """
+  prob = preference_prob(reward_ref, reward_gen)
+  return (rng.random(prob.shape) < prob).astype(np.float32)
+
+
+def preference_prob(reward_ref, reward_gen) -> np.ndarray:
+  """Bradley-Terry ``sigmoid(r_ref - r_gen)`` (float64, without overflow)."""
   diff = np.asarray(reward_ref, np.float64) - np.asarray(reward_gen, np.float64)
-  prob = 0.5 * (1.0 + np.tanh(0.5 * diff))  # sigmoid, without overflow.
-  return (rng.random(diff.shape) < prob).astype(np.float32)
+  return 0.5 * (1.0 + np.tanh(0.5 * diff))
 
 
 def validation_prompts(config: ml_collections.ConfigDict) -> list[str]:
@@ -397,11 +402,11 @@ class Online:
     self.data = dataclasses.replace(self.data, generated=latents,
                                     reward_gen=scores["gen"])
     n = self.ctx.config.rpo.num_images_per_prompt
-    diff = (self.data.reward_ref[:, np.arange(len(scores["gen"])) // n]
-            - scores["gen"][None, :])
+    prompt = np.arange(len(scores["gen"])) // n
     return {"online/reward_gen": float(np.mean(scores["gen"])),
             # Mean Bradley-Terry probability that a reference is preferred.
-            "online/p_ref": float(np.mean(0.5 * (1.0 + np.tanh(0.5 * diff)))),
+            "online/p_ref": float(np.mean(preference_prob(
+                self.data.reward_ref[:, prompt], scores["gen"][None, :]))),
             "online/refresh_sec": time.perf_counter() - start}
 
 
