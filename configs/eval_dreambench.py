@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.harmonic_lams = (0.3, 0.5, 0.7)  # lambda values of the harmonic score
   config.batch_size = 16  # images per embedding call
   config.grid_thumbnail = 128  # side of each image in grids/<subject>.png
+  config.resolution = 0  # image side when generating; 0 = the model's own (SDXL: 1024)
   config.num_inference_steps = 50  # DDIM steps when generating (config.model)
   config.guidance_scale = 7.5  # classifier-free guidance when generating
   config.seed = 0  # generation seed (per subject and prompt via fold_in)

@@ -356,17 +356,51 @@ def per_sample_error(pred: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
+# ----------------------------------------------------------- conditioning
+# What the U-Net is conditioned on, row by row: for SD 1.x/2.x the text
+# states ``(b, t, d)``; for SDXL a dict of ``states``, ``text_embeds`` (the
+# pooled text, ``(b, d)``) and ``time_ids`` (``(b, 6)``, see
+# ``sdxl.row_time_ids``). Both are pytrees whose leaves have the rows first,
+# so the methods take, repeat and join rows with the functions below whatever
+# the model.
+
+
+def unet_predict(unet: Denoiser | nnx.Module, noisy: jax.Array, t: jax.Array,
+                 cond: Any) -> jax.Array:
+  """The U-Net's prediction for ``noisy`` at ``t`` under a conditioning."""
+  if isinstance(cond, dict):
+    return unet(noisy, t, cond["states"], text_embeds=cond["text_embeds"],
+                time_ids=cond["time_ids"])
+  return unet(noisy, t, cond)
+
+
+def cond_rows(cond: Any, index: Any) -> Any:
+  """Rows ``index`` (an index array or a slice) of every leaf."""
+  return jax.tree.map(lambda a: a[index], cond)
+
+
+def cond_repeat(cond: Any, n: int) -> Any:
+  """A one-row conditioning broadcast to ``n`` rows."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape[1:]), cond)
+
+
+def cond_concat(*conds: Any) -> Any:
+  """The rows of several conditionings, one after the other."""
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *conds)
+
+
 def denoising_error(unet: Denoiser | nnx.Module, schedule: NoiseSchedule,
                     latents: jax.Array, noise: jax.Array, t: jax.Array,
-                    emb: jax.Array, *, snr_gamma: float = 0.0) -> jax.Array:
+                    emb: Any, *, snr_gamma: float = 0.0) -> jax.Array:
   """Per-sample error ``(b,)`` of the U-Net's epsilon (or v) prediction.
 
   The training losses of every method are functions of these errors: the
   U-Net sees ``latents`` noised with ``noise`` at ``t``, conditioned on
-  ``emb``, and its output is compared with the schedule's target. With
+  ``emb`` (text states, or SDXL's conditioning dict: see ``unet_predict``),
+  and its output is compared with the schedule's target. With
   ``snr_gamma > 0`` each row's error is weighted by ``min_snr_weight``.
   """
-  pred = unet(schedule.add_noise(latents, noise, t), t, emb)
+  pred = unet_predict(unet, schedule.add_noise(latents, noise, t), t, emb)
   err = per_sample_error(pred, schedule.training_target(latents, noise, t))
   if snr_gamma:
     err = err * min_snr_weight(schedule, t, snr_gamma)

@@ -202,7 +202,8 @@ def generate_images(config: ml_collections.ConfigDict,
           pipeline, [prompt] * config.num_images_per_prompt,
           rng=jax.random.fold_in(jax.random.fold_in(rng, s), i),
           num_inference_steps=config.num_inference_steps,
-          guidance_scale=config.guidance_scale)
+          guidance_scale=config.guidance_scale,
+          resolution=config.get("resolution") or None)
       write_generated(images_dir, subject, i, np.asarray(images))
   write_prompts_json(images_dir, prompts, config.unique_token)
 
@@ -256,6 +257,11 @@ def evaluate(config: ml_collections.ConfigDict,
   workdir = Path(workdir)
   if config.num_prompts < 1 or config.num_images_per_prompt < 1:
     raise UserError("num_prompts and num_images_per_prompt must be >= 1")
+  resolution = config.get("resolution", 0)
+  if (not isinstance(resolution, int) or isinstance(resolution, bool)
+      or resolution < 0):
+    raise UserError(f"resolution={resolution!r} is invalid: use 0 (the "
+                    "model's own size) or an image side in pixels, e.g. 1024")
   if bool(config.model) == bool(config.images_dir):
     raise UserError("set exactly one of --config.images_dir (a folder of "
                     "generated images) and --config.model (a pipeline to "

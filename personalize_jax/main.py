@@ -146,15 +146,19 @@ def summary_text(summary, config, config_arg: str) -> str:
       f"  sample grids: {work / 'samples'}",
       f"  checkpoints: {work / 'checkpoints'}",
   ]
-  if config.model.pretrained == "tiny":
+  if config.model.pretrained in ("tiny", "tiny-sdxl"):
     recipe = real_recipe(config_arg or "configs/demo_cpu.py")
+    # The recipe's SDXL variant, or SD 1.4.
+    if config.model.pretrained == "tiny-sdxl":
+      recipe, model = recipe + ":sdxl", ""
+    else:
+      model = " --config.model.pretrained=CompVis/stable-diffusion-v1-4"
     lines += [
         "These models were tiny and random: the images are noise. With Stable "
         "Diffusion weights on a TPU or GPU:",
         f"  python -m personalize_jax.main --config={recipe} "
         "--workdir=/tmp/run --config.data.instance_dir=YOUR_PHOTOS "
-        "--config.data.class_name=dog "
-        "--config.model.pretrained=CompVis/stable-diffusion-v1-4",
+        f"--config.data.class_name=dog{model}",
     ]
   return "\n".join(lines)
 

@@ -221,6 +221,32 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
   return _with_loras(pipe, loras)
 
 
+def is_sdxl_source(path_or_hub_id: str | os.PathLike) -> bool:
+  """Whether a model source is an SDXL pipeline (``tiny-sdxl``, or its
+  ``model_index.json`` names ``StableDiffusionXLPipeline``).
+
+  Reads no weights; a source that cannot be read counts as not SDXL (the
+  checks that load it say what is wrong with it).
+  """
+  source = str(path_or_hub_id)
+  if source in _TINY:
+    return source == presets.TINY_SDXL
+  try:
+    index = checkpoint.resolve_pretrained(source) / "model_index.json"
+    return (index.is_file() and checkpoint.read_json(index).get(
+        "_class_name") == SDXL_CLASS_NAME)
+  except (CheckpointError, OSError, ValueError):
+    return False
+
+
+def model_components(path_or_hub_id: str | os.PathLike) -> tuple[str, ...]:
+  """The model components of a source: ``unet``, ``vae``, ``text_encoder``
+  (and ``text_encoder_2`` for SDXL)."""
+  names = ("unet", "vae", "text_encoder")
+  return names + ("text_encoder_2",) if is_sdxl_source(path_or_hub_id) \
+      else names
+
+
 def _models(configs: dict[str, dict], root: Path | None, sdxl: bool,
             remat: bool, seed: int, kwargs: dict) -> dict[str, nnx.Module]:
   """The pipeline's models from their ``config.json`` values.
@@ -296,8 +322,10 @@ def _with_loras(pipe: StableDiffusion,
                 loras: list[tuple[lora_files.LoraFile, float]]
                 ) -> StableDiffusion:
   """``pipe`` with each ``(LoraFile, strength)`` fused into its weights."""
-  lora_files.fuse_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
-                        loras)
+  models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+  if pipe.is_sdxl:
+    models["text_encoder_2"] = pipe.text_encoder_2
+  lora_files.fuse_loras(models, loras)
   return pipe
 
 

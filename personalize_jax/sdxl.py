@@ -37,6 +37,59 @@ def time_ids(resolution: int) -> np.ndarray:
                   np.float32)
 
 
+def row_time_ids(geometry: Sequence[Sequence[int]],
+                 resolution: int) -> np.ndarray:
+  """``(n, 6)`` float32 time ids of training images, one row each.
+
+  Args:
+    geometry: per image ``(original_h, original_w, crop_top, crop_left)``
+      (``images.crop_geometry``).
+    resolution: the side of the training square (the target size).
+  """
+  rows = [[h, w, top, left, resolution, resolution]
+          for h, w, top, left in geometry]
+  return np.asarray(rows, np.float32).reshape(-1, 6)
+
+
+def prompt_cond(states_btd: Any, pooled_bd: Any) -> dict:
+  """SDXL's conditioning of prompts, before the time ids of their rows."""
+  return {"states": states_btd, "text_embeds": pooled_bd}
+
+
+def with_time_ids(cond: Any, time_ids: Any) -> Any:
+  """A prompt conditioning with its rows' time ids (SDXL); SD's is unchanged.
+
+  Args:
+    cond: text states (SD 1.x/2.x: returned as they are), or
+      ``prompt_cond``'s dict.
+    time_ids: ``(b, 6)``, one row per row of ``cond``; None for SD.
+  """
+  if not isinstance(cond, dict):
+    return cond
+  return dict(cond, time_ids=jnp.asarray(time_ids, jnp.float32))
+
+
+def encode_ids(first: nnx.Module, second: nnx.Module, ids_bt: jax.Array,
+               ids_2_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(states_btd, pooled_bd)`` from both tokenizers' ids (traceable).
+
+  Both encoders' penultimate hidden states side by side, and the second
+  one's projected pooled output: what ``encode_prompts`` computes, for a
+  loss that trains the text encoders.
+  """
+  _, _, hidden = first.encode(ids_bt, output_hidden_states=True)
+  _, pooled, hidden_2 = second.encode(ids_2_bt, output_hidden_states=True)
+  return jnp.concatenate([hidden[-2], hidden_2[-2]], axis=-1), pooled
+
+
+def tokenize(pipeline: Any, prompts: str | Sequence[str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Both tokenizers' ``(b, 77)`` ids of prompts (the second pads with "!")."""
+  from personalize_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  return tuple(np.asarray(tokenizer_lib.tokenize(tokenizer, prompts))
+               for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2))
+
+
 def encode_prompts(pipeline: Any, prompts: str | Sequence[str]
                    ) -> tuple[jax.Array, jax.Array]:
   """``(states_btd, pooled_bd)``: SDXL's text conditioning of prompts.
@@ -52,9 +105,7 @@ def encode_prompts(pipeline: Any, prompts: str | Sequence[str]
     pipeline: an SDXL ``pipeline.StableDiffusion``.
     prompts: one prompt or a list.
   """
-  from personalize_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  ids = [jnp.asarray(tokenizer_lib.tokenize(tokenizer, prompts))
-         for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2)]
+  ids = [jnp.asarray(i) for i in tokenize(pipeline, prompts)]
   first_def, first = nnx.split(pipeline.text_encoder)
   second_def, second = nnx.split(pipeline.text_encoder_2)
   return _encode((first_def, second_def), (first, second), *ids)
@@ -77,9 +128,7 @@ def negative_conditioning(pipeline: Any, negative_prompt: str = ""
 @functools.partial(jax.jit, static_argnames=("defs",))
 def _encode(defs, states, ids_bt, ids_2_bt):
   first, second = (nnx.merge(d, s) for d, s in zip(defs, states))
-  _, _, hidden = first.encode(ids_bt, output_hidden_states=True)
-  _, pooled, hidden_2 = second.encode(ids_2_bt, output_hidden_states=True)
-  return jnp.concatenate([hidden[-2], hidden_2[-2]], axis=-1), pooled
+  return encode_ids(first, second, ids_bt, ids_2_bt)
 
 
 def unet_inputs(cond: Any, time_ids: Any) -> tuple[jax.Array, dict | None]:

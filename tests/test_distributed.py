@@ -7,11 +7,16 @@ devices, leave the run directory to process 0 and resume after both are
 killed. All runs share one fixture and the session's compilation cache
 (``tests/xla_env.py``):
 
-* ``two``: 2 x 4 devices, each process logging the paths it writes
-  (``tests/_audited_run.py``);
-* ``one``: the same config, 1 x 8 devices;
-* ``killed``: 2 x 4 devices, both sent SIGKILL once checkpoint
-  ``CHECKPOINT_STEP`` is complete; ``resumed``: the same command again.
+* ``one``: the config on 1 x 8 devices;
+* ``killed``: 2 x 4 devices, each process logging the paths it writes
+  (``tests/_audited_run.py``), both sent SIGKILL once checkpoint
+  ``CHECKPOINT_STEP`` is complete;
+* ``resumed``: the same command again, audited too: it finishes the run of
+  two processes, which must end like ``one``.
+
+That a resumed run ends bit for bit like an uninterrupted one is
+``tests/test_faults.py``'s (one process); here the two-process run is the
+killed and resumed one.
 """
 
 import os
@@ -149,21 +154,15 @@ def runs(tmp_path_factory):
 
   r = types.SimpleNamespace()
   try:
-    r.two = start("two", 2, audit=True)
+    r.killed = start("killed", 2, audit=True)
     r.one = start("one", 1)
-    # Started once ``two`` has compiled its step, so that it loads the
-    # compiled programs from the cache.
-    metrics = r.two.workdir / metrics_lib.METRICS_FILE
-    _wait(lambda: metrics.is_file() and metrics.read_text().strip(), [r.two],
-          deadline, "the first step of the run of two processes")
-    r.killed = start("killed", 2)
     checkpoint = r.killed.workdir / "checkpoints" / str(CHECKPOINT_STEP)
     _wait(checkpoint.is_dir, [r.killed], deadline,
           f"checkpoint {CHECKPOINT_STEP} of the run to kill")
     r.killed.kill()
     r.killed_left = sorted(os.listdir(r.killed.workdir))
-    r.resumed = start("resumed", 2, workdir=r.killed.workdir)
-    everything = [r.two, r.one, r.resumed]
+    r.resumed = start("resumed", 2, workdir=r.killed.workdir, audit=True)
+    everything = [r.one, r.resumed]
     _wait(lambda: all(run.done() for run in everything), everything,
           deadline, "the runs to finish")
     return r
@@ -268,9 +267,9 @@ def test_agreement_on_one_process_is_the_local_value():
 
 @pytest.mark.slow
 def test_two_processes_of_4_devices_train_like_one_of_8(runs):
-  _finished(runs.two)
+  _finished(runs.resumed)
   _finished(runs.one)
-  ours, reference = (_export_files(runs.two.workdir),
+  ours, reference = (_export_files(runs.resumed.workdir),
                      _export_files(runs.one.workdir))
   assert ours.keys() == reference.keys()
   assert UNET in ours
@@ -284,7 +283,7 @@ def test_two_processes_of_4_devices_train_like_one_of_8(runs):
                             atol=UNET_ATOL)}
   assert not far, far
   # Both logged every step with the same losses (to the same round-off).
-  two, one = _without_timings(runs.two.workdir), _without_timings(
+  two, one = _without_timings(runs.resumed.workdir), _without_timings(
       runs.one.workdir)
   assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
   for a, b in zip(two, one):
@@ -296,7 +295,8 @@ def test_two_processes_of_4_devices_train_like_one_of_8(runs):
 def _written(run: _Run, i: int) -> set[Path]:
   """Paths process ``i`` wrote in the run directory, outside checkpoints/."""
   paths = set()
-  for line in run.writes_log(i).read_text().splitlines():
+  log = run.writes_log(i)
+  for line in (log.read_text() if log.is_file() else "").splitlines():
     path = Path(line.split("\t", 1)[1])
     if path.is_relative_to(run.workdir):
       relative = path.relative_to(run.workdir)
@@ -307,10 +307,11 @@ def _written(run: _Run, i: int) -> set[Path]:
 
 @pytest.mark.slow
 def test_only_process_0_writes_the_run_directory(runs):
-  run = runs.two
+  run = runs.resumed
   _finished(run)
-  assert not _written(run, 1)
-  chief = _written(run, 0)
+  # The run directory was made by the killed run and finished by this one.
+  assert not _written(runs.killed, 1) and not _written(run, 1)
+  chief = _written(runs.killed, 0) | _written(run, 0)
   # The log sees how the run directory is made: each of its files was
   # written by process 0 or lies in a folder it made (the tokenizer's
   # native code writes tokenizer.json unseen).
@@ -337,16 +338,11 @@ def test_both_processes_were_killed_after_the_checkpoint(runs):
 
 
 @pytest.mark.slow
-def test_the_killed_run_resumes_and_ends_like_the_uninterrupted_one(runs):
+def test_both_processes_resume_from_the_checkpoint(runs):
   resumed = runs.resumed
   _finished(resumed)
   for i in range(2):
     assert f"resumed from step {CHECKPOINT_STEP}" in resumed.stderr(i)
-  ours, reference = (_export_files(resumed.workdir),
-                     _export_files(runs.two.workdir))
-  assert ours.keys() == reference.keys()
-  different = [name for name, path in ours.items()
-               if path.read_bytes() != reference[name].read_bytes()]
-  assert not different, different
-  assert _without_timings(resumed.workdir) == _without_timings(
-      runs.two.workdir)
+  # Each step logged once: the killed run's before the checkpoint, then
+  # this run's (test_two_processes_... compares them with one process's).
+  assert [r["step"] for r in _without_timings(resumed.workdir)] == [1, 2, 3]

@@ -285,6 +285,18 @@ def test_an_unknown_protocol_is_refused_before_anything_is_written(tmp_path):
   assert not (tmp_path / "work").exists()
 
 
+def test_a_bad_resolution_is_refused_before_anything_is_written(tmp_path):
+  resolution = -1
+  config = _tiny_config()
+  config.update(dict(model="tiny-sdxl", resolution=resolution))
+  with pytest.raises(UserError) as raised:
+    ev.evaluate(config, tmp_path / "work")
+  assert str(raised.value) == (
+      f"resolution={resolution!r} is invalid: use 0 (the model's own size) "
+      "or an image side in pixels, e.g. 1024")
+  assert not (tmp_path / "work").exists()
+
+
 def test_the_default_protocol_scores_with_the_dreambooth_papers_models():
   config = recipes.load("eval_dreambench", None)
   assert (config.protocol, config.dino_model, config.clip_model) == (
@@ -331,7 +343,9 @@ def test_generate_images_wiring(tmp_path, monkeypatch):
     loaded.append(source)
     return Pipe(source)
 
-  def fake_generate(pipe, prompts, *, rng, num_inference_steps, guidance_scale):
+  def fake_generate(pipe, prompts, *, rng, num_inference_steps, guidance_scale,
+                    resolution):
+    assert resolution == 96
     calls.append((pipe.source, list(prompts), num_inference_steps,
                   guidance_scale, np.asarray(jax.random.key_data(rng))))
     return np.full((len(prompts), 8, 8, 3), len(calls), np.uint8)
@@ -340,6 +354,7 @@ def test_generate_images_wiring(tmp_path, monkeypatch):
   monkeypatch.setattr(ev.diffusion, "generate", fake_generate, raising=False)
   config = _tiny_config()
   config.model = str(models)
+  config.resolution = 96
   prompts = {"dog": ["a sks dog", "a wet sks dog"], "teapot": ["a sks teapot"]}
   ev.generate_images(config, prompts, tmp_path / "images")
   assert loaded == [str(models / "dog"), str(models)]
@@ -392,22 +407,29 @@ def _tiny_config():
   return recipes.load("eval_dreambench", "tiny")
 
 
-def test_generate_images_with_the_tiny_pipeline(tmp_path):
+@pytest.mark.parametrize("model, resolution, side", [
+    ("tiny", 0, 64),  # the model's own size
+    ("tiny-sdxl", 96, 96),  # SDXL, its time ids those of the size asked for
+])
+def test_generate_images_with_the_tiny_pipeline(tmp_path, model, resolution,
+                                                side):
   """The model branch with the real loader and sampler: the files written are
   the images ``diffusion.generate`` makes for each prompt's key."""
   # pylint: disable=g-import-not-at-top
   from personalize_jax import diffusion
   from personalize_jax.pipeline import load_stable_diffusion
   config = _tiny_config()
-  config.model = "tiny"
+  config.model = model
+  config.resolution = resolution
   prompts = {"dog": ["a sks dog", "a wet sks dog"]}
   ev.generate_images(config, prompts, tmp_path / "images")
   rows = ev.read_generated(tmp_path / "images", "dog", 2, 2)
-  pipeline = load_stable_diffusion("tiny")
+  pipeline = load_stable_diffusion(model)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), 1)
   expected = diffusion.generate(pipeline, ["a wet sks dog"] * 2, rng=key,
                                 num_inference_steps=config.num_inference_steps,
-                                guidance_scale=config.guidance_scale)
-  assert expected.shape == (2, 64, 64, 3)
+                                guidance_scale=config.guidance_scale,
+                                resolution=side)
+  assert expected.shape == (2, side, side, 3)
   np.testing.assert_array_equal(np.stack(rows[1]), expected)
   assert not np.array_equal(rows[0][0], rows[1][0])  # prompts differ

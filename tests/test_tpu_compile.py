@@ -90,12 +90,12 @@ def test_pallas_attention_compiles_for_a_tpu_slice_only_with_shard_map(
 
 
 # (recipe, attention_impl, mesh.fsdp, functions): every method (Custom
-# Diffusion's step inside Look Forward's on it: its K/V and token row, and the
-# critic with its own optimizer), both meshes, both ways of asking for Pallas,
-# the validation sampler on both.
+# Diffusion's step inside Look Forward's on it: DreamBooth's loss, its K/V
+# and token row, and the critic with its own optimizer), both meshes, both
+# ways of asking for Pallas; the sampler and the VAE decoder data-parallel.
 CASES = [
-    ("dreambooth_tpu", "auto", 1, ("train_step", "ddim", "decode")),
-    ("rpo_tpu", "pallas", 4, ("train_step", "ddim")),
+    ("dreambooth_tpu", "auto", 1, ("ddim", "decode")),
+    ("rpo_tpu", "pallas", 4, ("train_step",)),
     ("lookforward_custom_diffusion_tpu", "pallas", 4, ("train_step",)),
     # LoRA: adapters sharded by FSDP, the base frozen, RPO's base the same
     # U-Net with its adapters off.

@@ -253,20 +253,44 @@ def preprocess(image: np.ndarray, resolution: int, *,
     ``float32 (resolution, resolution, 3)`` in ``[-1, 1]``.
   """
   pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
-  w, h = pil.size
-  if not center_crop:
-    size = (resolution, resolution)
-  elif w <= h:  # torchvision truncates the longer side's length.
-    size = (resolution, int(resolution * h / w))
-  else:
-    size = (int(resolution * w / h), resolution)
+  size, (top, left) = _resized(pil.size[1], pil.size[0], resolution,
+                               center_crop)
   # PIL's bilinear filter widens its support when shrinking: antialiased.
   pil = pil.resize(size, Image.Resampling.BILINEAR)
-  top = int(round((size[1] - resolution) / 2.0))
-  left = int(round((size[0] - resolution) / 2.0))
   pixels = np.asarray(pil, dtype=np.float32)
   pixels = pixels[top:top + resolution, left:left + resolution]
   return pixels / 127.5 - 1.0
+
+
+def _resized(h: int, w: int, resolution: int, center_crop: bool
+             ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``preprocess``'s geometry: the resized ``(w, h)`` and the crop's ``(top, left)``."""
+  if not center_crop:
+    return (resolution, resolution), (0, 0)
+  if w <= h:  # torchvision truncates the longer side's length.
+    size = (resolution, int(resolution * h / w))
+  else:
+    size = (int(resolution * w / h), resolution)
+  return size, (int(round((size[1] - resolution) / 2.0)),
+                int(round((size[0] - resolution) / 2.0)))
+
+
+def crop_geometry(image: np.ndarray, resolution: int, *,
+                  center_crop: bool = True, flipped: bool = False
+                  ) -> tuple[int, int, int, int]:
+  """``(original_h, original_w, crop_top, crop_left)`` of ``preprocess``'s pixels.
+
+  What SDXL's micro-conditioning records of a training image, as diffusers'
+  ``train_dreambooth_lora_sdxl.py`` computes it: the photo's size before any
+  resizing, and the top-left corner of the crop in the resized photo. A
+  ``flipped`` copy (``flip`` of the pixels) is the crop of the mirrored
+  photo, whose left edge is measured from the other side.
+  """
+  h, w = image.shape[:2]
+  size, (top, left) = _resized(h, w, resolution, center_crop)
+  if flipped:
+    left = size[0] - left - resolution
+  return h, w, top, left
 
 
 def flip(image: np.ndarray) -> np.ndarray:

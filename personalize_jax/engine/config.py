@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = ml_collections.config_dict.placeholder(float)  # scale alpha/rank; None = rank.
   c.lora.unet_targets = (r"\.(to_q|to_k|to_v|to_out\.0)$",)  # U-Net linear layers adapted.
   c.lora.text_encoder_targets = (r"\.(q_proj|k_proj|v_proj|out_proj)$",)  # when it trains.
+  c.lora.text_encoder_2_targets = (r"\.(q_proj|k_proj|v_proj|out_proj)$",)  # SDXL's second, when it trains.
   c.lora.init = "gaussian"  # A's init: "gaussian" N(0, 1/rank) or "kaiming"; B starts at 0.
   c.lora.export_fused = False  # also export the full pipeline with the adapters merged.
 
@@ -182,16 +183,40 @@ def lora_variant(c: ml_collections.ConfigDict, rank: int = 4,
   return c
 
 
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def sdxl_variant(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``:sdxl`` variant: Stable Diffusion XL base 1.0 at 1024 px.
+
+  The method's own settings stay (RPO's LoRA variant is rank 32, as the RPO
+  authors' SDXL script); the U-Net is rematerialised (``model.remat``:
+  SDXL's activations at 1024 px are four times SD's at 512 px). With
+  ``tiny`` the tiny SDXL pipeline (``tiny-sdxl``) replaces the published
+  one.
+  """
+  c.model.pretrained = SDXL_BASE
+  c.model.remat = True
+  c.data.resolution = 1024
+  return c
+
+
 def with_variant(c: ml_collections.ConfigDict, arg: str | None,
                  tiny: Callable = tiny_variant,
-                 lora: Callable | None = lora_variant
+                 lora: Callable | None = lora_variant,
+                 sdxl: Callable | None = sdxl_variant
                  ) -> ml_collections.ConfigDict:
   """A recipe's ``get_config(arg)`` tail: ``arg`` lists variants by comma.
 
-  ``tiny`` applies ``tiny``; ``lora`` applies ``lora`` (None: the recipe has
-  no LoRA variant). ``"tiny,lora"`` applies both, in that order.
+  ``sdxl`` applies ``sdxl`` (None: the recipe has no SDXL variant), ``tiny``
+  applies ``tiny``; ``lora`` applies ``lora`` (None: the recipe has no LoRA
+  variant). They combine (``"sdxl,tiny,lora"``) and apply in that order;
+  ``sdxl`` with ``tiny`` trains the tiny SDXL pipeline.
   """
-  available = {"tiny": tiny}
+  available = {}
+  if sdxl is not None:
+    available["sdxl"] = sdxl
+  available["tiny"] = tiny
   if lora is not None:
     available["lora"] = lora
   names = variants(arg)
@@ -202,6 +227,10 @@ def with_variant(c: ml_collections.ConfigDict, arg: str | None,
   for name in available:
     if name in names:
       c = available[name](c)
+  if "sdxl" in names and "tiny" in names:
+    from personalize_jax.models import presets  # pylint: disable=g-import-not-at-top
+    c.model.pretrained = presets.TINY_SDXL
+    c.model.remat = False
   return c
 
 
@@ -210,7 +239,7 @@ def variants(arg: str | None) -> list[str]:
   return [a.strip() for a in (arg or "").split(",") if a.strip()]
 
 
-LORA_COMPONENTS = ("unet", "text_encoder")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _lora_pattern(component: str) -> str:
@@ -232,6 +261,10 @@ def resolve_lora(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.lora.rank, int) or config.lora.rank <= 0:
     return
   adapted = []
+  # SDXL's second text encoder is adapted only where there is one.
+  from personalize_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  present = LORA_COMPONENTS if pipeline_lib.is_sdxl_source(
+      config.model.pretrained) else LORA_COMPONENTS[:2]
   for pattern in config.trainable:
     try:
       regex = re.compile(pattern)
@@ -248,7 +281,7 @@ def resolve_lora(config: ml_collections.ConfigDict) -> None:
           "components to adapt ('^unet\\.', '^text_encoder\\.'); choose the "
           "adapted layers with config.lora.unet_targets / "
           "text_encoder_targets, or set lora.rank=0")
-    adapted += [c for c in names if c not in adapted]
+    adapted += [c for c in names if c not in adapted and c in present]
   config.trainable = tuple(_lora_pattern(c) for c in LORA_COMPONENTS
                            if c in adapted)
 
@@ -471,7 +504,8 @@ def _validate_lora(lora_config: ml_collections.ConfigDict) -> None:
           "rank)")
   if lora_config.init not in ("gaussian", "kaiming"):
     _fail("lora.init", lora_config.init, "use one of gaussian, kaiming")
-  for key in ("unet_targets", "text_encoder_targets"):
+  for key in ("unet_targets", "text_encoder_targets",
+              "text_encoder_2_targets"):
     patterns = tuple(lora_config[key])
     if rank and key == "unet_targets" and not patterns:
       _fail(f"lora.{key}", list(patterns), "list at least one regex over "

@@ -131,7 +131,7 @@ def preflight(config) -> None:
   often wrong; finding out after the run directory exists would leave a
   half-made run behind.
   """
-  if config.model.pretrained != "tiny":
+  if config.model.pretrained not in pipeline_lib.TINY_PIPELINES:
     folder = checkpoint.resolve_pretrained(config.model.pretrained)
     if not (folder / "model_index.json").is_file():
       raise UserError(
@@ -159,7 +159,8 @@ def check_trainable(config, components) -> None:
     UserError: naming the first regex that matches no parameter.
   """
   states = {}
-  for name in components:
+  present = pipeline_lib.model_components(config.model.pretrained)
+  for name in (c for c in components if c in present):
     module = pipeline_lib.abstract_component(config.model.pretrained, name)
     states[name] = nnx.state(add_lora(config, name, module))
   _check_patterns(config, jax.tree.leaves(optim.param_names(states)),
@@ -518,7 +519,7 @@ def with_params(pipeline, params) -> Any:
   (full precision, never the bf16 copies the step computes with).
   """
   replaced = {}
-  for name in ("unet", "text_encoder", "vae"):
+  for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
     if name in params:
       graphdef, state = nnx.split(getattr(pipeline, name))
       replaced[name] = nnx.merge(graphdef,
@@ -554,9 +555,10 @@ def write_export(pipeline, folder: Path, config) -> None:
 
   Full fine-tuning writes the whole pipeline. A LoRA run writes
   ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights``
-  does (``unet.<module>.lora_A.weight``, ``text_encoder.<module>...``, the
-  scale alpha/rank folded into ``lora_B``), which
-  ``StableDiffusionPipeline.load_lora_weights`` reads; with
+  does (``unet.<module>.lora_A.weight``, ``text_encoder.<module>...``,
+  SDXL's ``text_encoder_2.<module>...``, the scale alpha/rank folded into
+  ``lora_B``), which ``StableDiffusionPipeline.load_lora_weights`` (and
+  ``StableDiffusionXLPipeline``'s) reads; with
   ``lora.export_fused`` the pipeline with the adapters merged is written
   beside it.
   """
@@ -566,7 +568,9 @@ def write_export(pipeline, folder: Path, config) -> None:
     return
   tensors = {}
   for name in adapted:
-    # diffusers writes text-encoder LoRAs without transformers' tower prefix.
+    # Keys as diffusers' scripts write them with transformers 5: the first
+    # text encoder (CLIPTextModel) has no ``text_model.`` tower there, SDXL's
+    # second (CLIPTextModelWithProjection) keeps it.
     tensors.update(lora_lib.adapter_tensors(
         getattr(pipeline, name), prefix=f"{name}.",
         strip="text_model." if name == "text_encoder" else ""))

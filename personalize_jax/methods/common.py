@@ -7,7 +7,7 @@ calls them, then hands the engine a ``Method`` value.
 import io
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +16,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from personalize_jax import diffusion
+from personalize_jax import diffusion, sdxl
 from personalize_jax.data import demo_subject, images as images_lib
 from personalize_jax.data import prompts as prompts_lib
 from personalize_jax.engine import distributed, rundir
 from personalize_jax.engine.method import Context
+from personalize_jax.models import tokenizer as tokenizer_lib
 
 
 def format_prompts(config: ml_collections.ConfigDict,
@@ -87,12 +88,67 @@ def encode_latents(ctx: Context, pixels_bhwc: np.ndarray, name: str) -> dict:
   return cached(ctx.cache_dir / f"{name}.npz", compute)
 
 
-def encode_text(ctx: Context, prompts: list[str], name: str) -> np.ndarray:
-  """Text-encoder states of fixed prompts, cached as ``cache/<name>.npz``."""
-  return cached(
-      ctx.cache_dir / f"{name}.npz",
-      lambda: {"emb": np.asarray(diffusion.encode_prompts(
-          ctx.pipeline, prompts), np.float32)})["emb"]
+def time_ids(config: ml_collections.ConfigDict, images: list[np.ndarray], *,
+             flips: bool) -> np.ndarray:
+  """SDXL's ``(n, 6)`` time ids of ``pixels(config, images, flips=flips)``'s rows.
+
+  Each row's original size and crop (``images.crop_geometry``), the flipped
+  copies' crops mirrored, and the training resolution as the target size.
+  """
+  data = config.data
+  geometry = [images_lib.crop_geometry(im, data.resolution,
+                                       center_crop=data.center_crop,
+                                       flipped=flipped)
+              for flipped in ((False, True) if flips else (False,))
+              for im in images]
+  return sdxl.row_time_ids(geometry, data.resolution)
+
+
+def encode_text(ctx: Context, prompts: list[str], name: str
+                ) -> dict[str, np.ndarray]:
+  """Text conditioning of fixed prompts, cached as ``cache/<name>.npz``.
+
+  ``{"emb": (p, 77, d)}`` text states; an SDXL pipeline adds the pooled
+  text, ``"pooled": (p, d)``. ``text_cond`` makes a conditioning of them.
+  """
+
+  def compute():
+    encoded = diffusion.encode_prompts(ctx.pipeline, prompts)
+    if ctx.pipeline.is_sdxl:
+      return {"emb": np.asarray(encoded[0], np.float32),
+              "pooled": np.asarray(encoded[1], np.float32)}
+    return {"emb": np.asarray(encoded, np.float32)}
+
+  return cached(ctx.cache_dir / f"{name}.npz", compute)
+
+
+def text_cond(encoded: dict) -> Any:
+  """The prompts' conditioning (``diffusion.unet_predict``) from ``encode_text``'s arrays."""
+  if "pooled" in encoded:
+    return sdxl.prompt_cond(encoded["emb"], encoded["pooled"])
+  return encoded["emb"]
+
+
+def text_ids(ctx: Context, prompts: list[str]) -> dict[str, np.ndarray]:
+  """Token ids of prompts for a loss that runs the text encoders.
+
+  ``{"ids": (p, 77)}``; an SDXL pipeline adds its second tokenizer's,
+  ``"ids_2"``.
+  """
+  if ctx.pipeline.is_sdxl:
+    ids, ids_2 = sdxl.tokenize(ctx.pipeline, prompts)
+    return {"ids": ids, "ids_2": ids_2}
+  return {"ids": np.asarray(tokenizer_lib.tokenize(ctx.pipeline.tokenizer,
+                                                   prompts))}
+
+
+def encode_ids(text_encoder: nnx.Module, text_encoder_2: nnx.Module | None,
+               ids: dict) -> Any:
+  """The conditioning of ``text_ids``' ids, traced through the encoders."""
+  if "ids_2" in ids:
+    return sdxl.prompt_cond(*sdxl.encode_ids(text_encoder, text_encoder_2,
+                                             ids["ids"], ids["ids_2"]))
+  return text_encoder(ids["ids"])
 
 
 def save_png(path: Path, image: np.ndarray) -> None:

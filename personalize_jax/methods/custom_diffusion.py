@@ -24,6 +24,7 @@ from flax import nnx
 from personalize_jax.engine import optim
 from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
+from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.methods import dreambooth
 from personalize_jax.models import checkpoint
 from personalize_jax.models import tokenizer as tokenizer_lib
@@ -133,6 +134,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   dreambooth.validate(config)
   refuse_lora(config)
+  if pipeline_lib.is_sdxl_source(config.model.pretrained):
+    raise UserError(
+        f"config.model.pretrained={config.model.pretrained!r} is an SDXL "
+        "pipeline; Custom Diffusion trains Stable Diffusion 1.x/2.x here "
+        "(its modifier token would need both SDXL tokenizers): use "
+        "config.method=dreambooth with lora.rank > 0 on SDXL")
   token = config.custom_diffusion.modifier_token
   if not token:
     return

@@ -9,6 +9,7 @@ over the training schedule, VAE latents sampled from the posterior each step.
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +18,22 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from personalize_jax import diffusion
+from personalize_jax import diffusion, sdxl
+from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import distributed, optim
 from personalize_jax.engine import state as state_lib
 from personalize_jax.engine.method import Context, Graphs, Method
 from personalize_jax.errors import UserError
 from personalize_jax.methods import common
-from personalize_jax.models import tokenizer as tokenizer_lib
 
-# The pipeline components config.trainable may name.
-COMPONENTS = ("unet", "text_encoder")
+# The pipeline components config.trainable may name (text_encoder_2: SDXL's).
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-TEXT_ENCODER = r"^text_encoder\."  # the regex train_text_encoder adds.
+# The regexes train_text_encoder adds: SDXL's second encoder trains with the
+# first, as in diffusers' train_dreambooth_lora_sdxl.py.
+TEXT_ENCODER = r"^text_encoder\."
+TEXT_ENCODER_2 = r"^text_encoder_2\."
 
 # The engine's training options this loss implements (the engine refuses
 # them for a method that does not list them): its randomness is keyed by the
@@ -48,8 +52,9 @@ def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.class_images_dir = ""  # where class images live; "" = <workdir>/class_images.
   d.class_inference_steps = 50  # DDIM steps when generating class images.
   d.class_guidance_scale = 7.5  # guidance when generating class images.
-  # Also fine-tune the CLIP text encoder: True adds "^text_encoder\\." to
-  # config.trainable, False removes it, None leaves config.trainable as set.
+  # Also fine-tune the CLIP text encoder (SDXL: both): True adds
+  # "^text_encoder\\." (and "^text_encoder_2\\.") to config.trainable, False
+  # removes them, None leaves config.trainable as set.
   d.train_text_encoder = ml_collections.config_dict.placeholder(bool)
   c.dreambooth = d
   return c
@@ -60,9 +65,12 @@ def resolve(config: ml_collections.ConfigDict) -> None:
   switch = config.dreambooth.get("train_text_encoder")
   if switch is None:
     return
-  patterns = [p for p in config.trainable if p != TEXT_ENCODER]
+  encoders = (TEXT_ENCODER, TEXT_ENCODER_2)
+  patterns = [p for p in config.trainable if p not in encoders]
   if switch:
     patterns.append(TEXT_ENCODER)
+    if pipeline_lib.is_sdxl_source(config.model.pretrained):
+      patterns.append(TEXT_ENCODER_2)
   config.trainable = tuple(patterns)
 
 
@@ -98,11 +106,14 @@ class Data:
       photos; flipped copies follow the originals.
     klass: the same for the class images, or None without prior preservation.
     num_flips: 2 when flipped copies are in ``instance``, else 1.
-    text: ``{"ids": (p, 77)}`` when the text encoder trains (prompts are
-      encoded every step), else ``{"emb": (p, 77, d)}``; prompt 0 is the
-      instance prompt, prompt 1 the class prompt.
+    text: ``common.text_ids``' ids when a text encoder trains (prompts are
+      encoded every step), else ``common.encode_text``'s arrays; prompt 0 is
+      the instance prompt, prompt 1 the class prompt.
     scaling: the VAE's latent scaling factor.
     schedule: the training noise schedule.
+    time_ids: SDXL only: ``{"instance": (n * flips, 6), "class": (m, 6)}``,
+      each training image's micro-conditioning (``common.time_ids``); None
+      for SD 1.x/2.x.
   """
   instance: dict
   klass: dict | None
@@ -110,6 +121,7 @@ class Data:
   text: dict
   scaling: float
   schedule: diffusion.NoiseSchedule
+  time_ids: dict | None = None
 
 
 def trains(config: ml_collections.ConfigDict, component: str,
@@ -126,22 +138,30 @@ def prepare(ctx: Context, *, text_trains: bool) -> Data:
   prompt = common.instance_prompt(cfg)
   common.check_prompts(ctx, [prompt] + eval_prompts(cfg))
   num_flips = 2 if cfg.data.random_flip else 1
+  photos = common.instance_images(ctx)
   instance = common.encode_latents(
-      ctx, common.pixels(cfg, common.instance_images(ctx),
-                         flips=cfg.data.random_flip), "instance_latents")
+      ctx, common.pixels(cfg, photos, flips=cfg.data.random_flip),
+      "instance_latents")
+  time_ids = None
+  if pipe.is_sdxl:
+    time_ids = {"instance": common.time_ids(cfg, photos,
+                                            flips=cfg.data.random_flip)}
   prompts, klass = [prompt], None
   if cfg.dreambooth.prior_preservation:
     class_prompt = common.format_prompts(cfg, [cfg.dreambooth.class_prompt])[0]
     prompts.append(class_prompt)
+    generated = class_images(ctx, class_prompt)
     klass = common.encode_latents(
-        ctx, common.pixels(cfg, class_images(ctx, class_prompt), flips=False),
-        "class_latents")
+        ctx, common.pixels(cfg, generated, flips=False), "class_latents")
+    if pipe.is_sdxl:
+      time_ids["class"] = common.time_ids(cfg, generated, flips=False)
   if text_trains:
-    text = {"ids": tokenizer_lib.tokenize(pipe.tokenizer, prompts)}
+    text = common.text_ids(ctx, prompts)
   else:
-    text = {"emb": common.encode_text(ctx, prompts, "prompt_embeddings")}
+    text = common.encode_text(ctx, prompts, "prompt_embeddings")
   return Data(instance=instance, klass=klass, num_flips=num_flips, text=text,
-              scaling=pipe.vae.scaling_factor, schedule=pipe.schedule)
+              scaling=pipe.vae.scaling_factor, schedule=pipe.schedule,
+              time_ids=time_ids)
 
 
 def eval_prompts(config: ml_collections.ConfigDict) -> list[str]:
@@ -188,11 +208,15 @@ def make_batch(config: ml_collections.ConfigDict, data: Data,
   idx = idx + flip * images
   out = {"instance_mean": data.instance["mean"][idx],
          "instance_std": data.instance["std"][idx]}
+  if data.time_ids is not None:
+    out["instance_time_ids"] = data.time_ids["instance"][idx]
   if data.klass is not None:
     cidx = common.epoch_indices(config.seed + 1, step, bs,
                                 len(data.klass["mean"]))
     out.update(class_mean=data.klass["mean"][cidx],
                class_std=data.klass["std"][cidx])
+    if data.time_ids is not None:
+      out["class_time_ids"] = data.time_ids["class"][cidx]
   return out
 
 
@@ -200,12 +224,19 @@ def constants(data: Data) -> dict[str, np.ndarray]:
   return dict(data.text)
 
 
-def prompt_embeddings(graphs: Graphs, params, frozen) -> jax.Array:
-  """``(num_prompts, 77, d)``: instance prompt first, then the class prompt."""
+def prompt_embeddings(graphs: Graphs, params, frozen) -> Any:
+  """The prompts' conditioning: instance prompt first, then the class prompt.
+
+  ``(num_prompts, 77, d)`` text states, or SDXL's dict of states and pooled
+  text (``common.text_cond``), without time ids.
+  """
   constants_ = frozen["constants"]
   if "ids" in constants_:
-    return graphs("text_encoder", params, frozen)(constants_["ids"])
-  return constants_["emb"]
+    second = (graphs("text_encoder_2", params, frozen)
+              if "ids_2" in constants_ else None)
+    return common.encode_ids(graphs("text_encoder", params, frozen), second,
+                             constants_)
+  return common.text_cond(constants_)
 
 
 def step_rows(config: ml_collections.ConfigDict,
@@ -225,24 +256,30 @@ def step_rows(config: ml_collections.ConfigDict,
 
 def training_rows(graphs: Graphs, scaling: float, params, frozen, batch, rng,
                   *, rows: tuple[jax.Array, int] | None = None):
-  """Latents and text states of the step's rows: instances, then class.
+  """Latents and conditioning of the step's rows: instances, then class.
 
   Returns ``(latents, embs)`` with the batch's instance rows first and, with
   prior preservation (class rows in ``batch``), as many class rows after them.
-  ``rows`` places them in the step (``step_rows``).
+  ``embs`` is text states, or for SDXL the conditioning dict with each row's
+  time ids (``diffusion.unet_predict``). ``rows`` places them in the step
+  (``step_rows``).
   """
   emb = prompt_embeddings(graphs, params, frozen)
   bs = batch["instance_mean"].shape[0]
   means, stds = [batch["instance_mean"]], [batch["instance_std"]]
-  embs = [jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])]
+  embs = [sdxl.with_time_ids(
+      diffusion.cond_repeat(diffusion.cond_rows(emb, slice(0, 1)), bs),
+      batch.get("instance_time_ids"))]
   if "class_mean" in batch:
     means.append(batch["class_mean"])
     stds.append(batch["class_std"])
-    embs.append(jnp.broadcast_to(emb[1:2], (bs,) + emb.shape[1:]))
+    embs.append(sdxl.with_time_ids(
+        diffusion.cond_repeat(diffusion.cond_rows(emb, slice(1, 2)), bs),
+        batch.get("class_time_ids")))
   latents = common.sample_latents(jnp.concatenate(means),
                                   jnp.concatenate(stds), rng, scaling,
                                   rows=rows)
-  return latents, jnp.concatenate(embs)
+  return latents, diffusion.cond_concat(*embs)
 
 
 def loss_from_errors(err: jax.Array, batch_size: int, *,
@@ -304,10 +341,18 @@ def denoising_loss(config, graphs: Graphs, data: Data, params, frozen, batch,
 
 
 def text_modules(ctx: Context) -> dict:
-  """``{"text_encoder": module}`` when ``config.trainable`` names it, else {}."""
-  encoder = ctx.pipeline.text_encoder
-  if trains(ctx.config, "text_encoder", encoder):
-    return {"text_encoder": encoder}
+  """The text encoders when ``config.trainable`` names one of them, else {}.
+
+  ``{"text_encoder": ...}``, and SDXL's ``text_encoder_2`` beside it (the
+  loss then runs both; the engine freezes the one with nothing to train).
+  """
+  pipe = ctx.pipeline
+  encoders = {"text_encoder": pipe.text_encoder}
+  if pipe.is_sdxl:
+    encoders["text_encoder_2"] = pipe.text_encoder_2
+  if any(trains(ctx.config, name, module)
+         for name, module in encoders.items()):
+    return encoders
   return {}
 
 

@@ -255,7 +255,8 @@ def next_look_forward(setup: Setup, params, frozen, noisy, pred, t, emb):
                                  schedule.num_train_timesteps)
   t_prev = jnp.maximum(t - 1, 0)
   unet = setup.graphs.merge("unet", sg(state_of("unet", params, frozen)))
-  pred_prev = unet(x_prev, t_prev, sg(emb)).astype(jnp.float32)
+  pred_prev = diffusion.unet_predict(unet, x_prev, t_prev,
+                                     sg(emb)).astype(jnp.float32)
   return schedule.predict_x0(x_prev, pred_prev, t_prev)
 
 
@@ -315,7 +316,7 @@ def loss_fn(setup: Setup, params, frozen, batch, rng):
                                   rows=rows,
                                   noise_offset=cfg.loss.noise_offset)
   noisy = schedule.add_noise(latents, noise, t)
-  pred = unet(noisy, t, embs).astype(jnp.float32)
+  pred = diffusion.unet_predict(unet, noisy, t, embs).astype(jnp.float32)
   err = diffusion.per_sample_error(
       pred, schedule.training_target(latents, noise, t))
   gamma = cfg.loss.snr_gamma
@@ -341,7 +342,8 @@ def loss_fn(setup: Setup, params, frozen, batch, rng):
     metrics["reward/dino"] = jnp.mean(rewards_["dino"])
   if lf.critic:
     q, critic_loss = critic_terms(setup, params, frozen, x0_hat, x0, rewards_,
-                                  (noisy[:bs], pred[:bs], t0, embs[:bs]))
+                                  (noisy[:bs], pred[:bs], t0,
+                                   diffusion.cond_rows(embs, slice(0, bs))))
     loss = loss + critic_loss
     metrics["loss/critic"] = critic_loss
   else:

@@ -57,7 +57,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from personalize_jax import diffusion, rewards
+from personalize_jax import diffusion, rewards, sdxl
 from personalize_jax.data import images as images_lib
 from personalize_jax.engine import distributed, rundir, state as state_lib
 from personalize_jax.engine.method import Context, Graphs, Method, state_of
@@ -314,11 +314,17 @@ class Data:
   generated: dict  # posterior mean/std of the generated images.
   num_references: int
   num_flips: int
-  emb: np.ndarray  # (1 + num_prompts, 77, d): instance prompt, then training.
+  # common.encode_text's arrays of the instance prompt, then the training
+  # prompts: {"emb": (1 + num_prompts, 77, d)} (SDXL: and "pooled").
+  emb: dict
   reward_ref: np.ndarray  # (num_references, num_prompts)
   reward_gen: np.ndarray  # (num_generated,)
   scaling: float
   schedule: diffusion.NoiseSchedule
+  # SDXL only: the photos' time ids (flips appended), (num_references *
+  # num_flips, 6); the generated images are whole squares (sdxl.time_ids).
+  ref_time_ids: np.ndarray | None = None
+  gen_time_ids: np.ndarray | None = None
 
 
 def negatives(ctx: Context, clip: rewards.Embedder, prompts: list[str],
@@ -363,12 +369,18 @@ def prepare(ctx: Context, clip: rewards.Embedder
                                                      ref_clip)
   emb = common.encode_text(ctx, [common.instance_prompt(cfg)] + prompts,
                            f"rpo_prompt_embeddings_{fingerprint}")
+  time_ids = {}
+  if ctx.pipeline.is_sdxl:
+    time_ids = dict(
+        ref_time_ids=common.time_ids(cfg, references,
+                                     flips=cfg.data.random_flip),
+        gen_time_ids=sdxl.time_ids(cfg.data.resolution)[0])
   return Data(reference=reference, generated=generated_latents,
               num_references=len(references),
               num_flips=2 if cfg.data.random_flip else 1, emb=emb,
               reward_ref=scores["ref"], reward_gen=scores["gen"],
               scaling=ctx.pipeline.vae.scaling_factor,
-              schedule=ctx.pipeline.schedule), ref_clip
+              schedule=ctx.pipeline.schedule, **time_ids), ref_clip
 
 
 class Online:
@@ -425,12 +437,16 @@ def make_batch(config: ml_collections.ConfigDict, data: Data,
   # for every use of a pair, the same again when a run resumes.
   labels = preference_labels(np.random.default_rng([config.seed, step, 2]),
                              reward_ref, reward_gen)
-  return {"ref_mean": data.reference["mean"][row],
-          "ref_std": data.reference["std"][row],
-          "gen_mean": data.generated["mean"][gen],
-          "gen_std": data.generated["std"][gen],
-          "prompt": prompt.astype(np.int32),
-          "labels": labels}
+  out = {"ref_mean": data.reference["mean"][row],
+         "ref_std": data.reference["std"][row],
+         "gen_mean": data.generated["mean"][gen],
+         "gen_std": data.generated["std"][gen],
+         "prompt": prompt.astype(np.int32),
+         "labels": labels}
+  if data.ref_time_ids is not None:
+    out["ref_time_ids"] = data.ref_time_ids[row]
+    out["gen_time_ids"] = np.broadcast_to(data.gen_time_ids, (bs, 6)).copy()
+  return out
 
 
 def pair_rows(config: ml_collections.ConfigDict, batch
@@ -490,7 +506,7 @@ def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
   schedule = data.schedule
   unet = graphs("unet", params, frozen)
   base_unet = base(params, frozen)
-  emb = frozen["constants"]["emb"]
+  emb = common.text_cond(frozen["constants"])
   bs = batch["ref_mean"].shape[0]
   rows = pair_rows(config, batch)
   offset = config.loss.noise_offset
@@ -499,10 +515,15 @@ def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
       jnp.concatenate([batch["ref_mean"], batch["gen_mean"]]),
       jnp.concatenate([batch["ref_std"], batch["gen_std"]]), latent_rng,
       data.scaling, rows=_both_halves(rows))
-  instance = jnp.broadcast_to(emb[:1], (bs,) + emb.shape[1:])
-  prompt = emb[1 + batch["prompt"]]
+  # SDXL: each row with its image's time ids (None for SD).
+  ref_ids, gen_ids = batch.get("ref_time_ids"), batch.get("gen_time_ids")
+  instance = diffusion.cond_repeat(diffusion.cond_rows(emb, slice(0, 1)), bs)
+  prompt = diffusion.cond_rows(emb, 1 + batch["prompt"])
   ref_emb = instance if r.ref_prompt == "instance" else prompt
-  pair_emb = jnp.concatenate([ref_emb, prompt])
+  pair_emb = sdxl.with_time_ids(
+      diffusion.cond_concat(ref_emb, prompt),
+      None if ref_ids is None else jnp.concatenate([ref_ids, gen_ids]))
+  instance = sdxl.with_time_ids(instance, ref_ids)
   noise, t = _noise(schedule, pair_rng, latents.shape, r.shared_noise, rows,
                     offset)
   err_base = jax.lax.stop_gradient(diffusion.denoising_error(
@@ -518,7 +539,7 @@ def loss_fn(config: ml_collections.ConfigDict, graphs: Graphs, data: Data,
     err = diffusion.denoising_error(
         unet, schedule, jnp.concatenate([latents, latents[:bs]]),
         jnp.concatenate([noise, sim_noise]), jnp.concatenate([t, sim_t]),
-        jnp.concatenate([pair_emb, instance]))
+        diffusion.cond_concat(pair_emb, instance))
     err_theta, err_sim, t_sim = err[:2 * bs], err[2 * bs:], sim_t
   labels = batch["labels"]
   errors = (err_theta[:bs], err_base[:bs], err_theta[bs:], err_base[bs:])
@@ -586,7 +607,7 @@ def build(ctx: Context) -> Method:
   online = Online(ctx, clip, data, ref_clip)
   return Method(
       trainable={"unet": unet}, frozen=frozen,
-      constants={"emb": data.emb},
+      constants=dict(data.emb),
       loss_fn=lambda params, frozen_, batch, rng: loss_fn(
           config, graphs, data, base, params, frozen_, batch, rng),
       batch=lambda step: make_batch(config, online.data, step),

@@ -6,7 +6,9 @@ is ``rank x in x kh x kw``) and an ``up`` factor (``out x rank``; a conv's is
 PyTorch-layout weight, where ``scale`` is ``alpha / rank`` (or
 ``alpha / sqrt(rank)`` for rsLoRA).
 
-Three key styles are read, all found in the wild for Stable Diffusion 1.x/2.x:
+Three key styles are read, all found in the wild for Stable Diffusion 1.x/2.x
+and SDXL (whose second text encoder is ``text_encoder_2.``, kohya's
+``lora_te2_``):
 
   PEFT (diffusers >= 0.24, ``save_lora_weights``):
     ``unet.<module>.lora_A.weight`` (down), ``unet.<module>.lora_B.weight``
@@ -57,7 +59,7 @@ from flax import nnx
 from personalize_jax.errors import CheckpointError, UserError
 from personalize_jax.models import checkpoint
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _METADATA_KEY = "lora_adapter_metadata"
 _TEXT_PREFIX = "text_model."
@@ -76,6 +78,7 @@ _PROCESSOR_TARGETS = {
     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj",
                      "to_out": "out_proj"},
 }
+_PROCESSOR_TARGETS["text_encoder_2"] = _PROCESSOR_TARGETS["text_encoder"]
 _KOHYA_KEY = re.compile(
     r"^lora_(unet|te|te1|te2)_(\w+)"
     r"\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -83,7 +86,7 @@ _KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d?)_")
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up",
                 "alpha": "alpha"}
 _KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder",
-                     "te1": "text_encoder"}
+                     "te1": "text_encoder", "te2": "text_encoder_2"}
 _DORA = ("dora_scale", "lora_magnitude_vector")
 _FORMATS = ("<module>.lora_A/lora_B.weight, <module>.lora.down/up.weight, or "
             "kohya's lora_unet_*/lora_te_*.lora_down/lora_up.weight and .alpha")
@@ -135,9 +138,9 @@ def read_lora(path_or_dir: str | os.PathLike) -> LoraFile:
 
   Raises:
     CheckpointError: a missing or non-safetensors file, a key that is not a
-      LoRA weight or is for a component Stable Diffusion 1.x/2.x lacks
-      (``text_encoder_2``: SDXL), a layer without its other factor, or
-      factors whose ranks disagree (one line naming the key).
+      LoRA weight or is for no Stable Diffusion component, a layer without
+      its other factor, or factors whose ranks disagree (one line naming the
+      key).
   """
   path = _lora_path(path_or_dir)
   metadata = _adapter_metadata(path, _header(path))
@@ -238,9 +241,12 @@ def fuse_loras(models: Mapping[str, nnx.Module],
   for lora, strength in loras:
     for component, layers in lora.components.items():
       if component not in models:
+        key = next(iter(layers.values())).key
+        hint = ("this LoRA is for SDXL" if component == "text_encoder_2"
+                else "use a LoRA made for this model")
         raise CheckpointError(
-            f"{lora.path} adapts the {component}, which this model lacks "
-            f"(it has {', '.join(sorted(models))}); use a LoRA made for it")
+            f"{lora.path}: key {key!r} adapts the {component}, which this "
+            f"model lacks (it has {', '.join(sorted(models))}); {hint}")
       plans.append((_resolve(models[component], layers, str(lora.path)),
                     strength))
   for plan, strength in plans:
@@ -314,20 +320,12 @@ def _parse_key(key: str, path: Path) -> tuple[str, str, str, str, str]:
           f"{path}: key {key!r} is not a LoRA weight (LyCORIS LoHa/LoKr/"
           f"Tucker keys are not supported); expected {_FORMATS}")
     prefix, name, ending = match.groups()
-    if prefix == "te2":
-      raise CheckpointError(
-          f"{path}: key {key!r} adapts a second text encoder, which Stable "
-          "Diffusion 1.x/2.x lacks; this LoRA is for SDXL")
     return _KOHYA_COMPONENTS[prefix], name, name, _KOHYA_ROLES[ending], "kohya"
   component, _, rest = key.partition(".")
-  if component == "text_encoder_2":
-    raise CheckpointError(
-        f"{path}: key {key!r} adapts text_encoder_2, which Stable Diffusion "
-        "1.x/2.x lacks; this LoRA is for SDXL")
   if component not in COMPONENTS:
     raise CheckpointError(
-        f"{path}: key {key!r} is not for a Stable Diffusion 1.x/2.x "
-        "component (keys start with unet., text_encoder., lora_unet_ or "
+        f"{path}: key {key!r} is not for a Stable Diffusion component (keys "
+        "start with unet., text_encoder., text_encoder_2., lora_unet_ or "
         "lora_te_); is this LoRA for another model?")
   match = _DIFFUSERS_KEY.match(rest)
   if match is None:
@@ -348,7 +346,7 @@ def _our_name(component: str, file_name: str) -> str:
     base = parts[-1][:-len("_lora")]
     parts[-1] = _PROCESSOR_TARGETS[component].get(base, base)
   name = ".".join(parts)
-  if component == "text_encoder" and not name.startswith(_TEXT_PREFIX):
+  if component != "unet" and not name.startswith(_TEXT_PREFIX):
     name = _TEXT_PREFIX + name
   return name
 

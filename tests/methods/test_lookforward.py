@@ -438,12 +438,9 @@ def class_images(tmp_path_factory):
   return folder
 
 
+# The recipe lookforward_dreambooth_tpu runs in its LoRA variant below, and
+# with the DINO reward as dino_reward_dreambooth_tpu.
 RECIPES = {
-    "lookforward_dreambooth_tpu": {"loss/actor", "loss/critic", "q/mean",
-                                   "reward/latent", "loss/prior",
-                                   "loss/instance", "update_norm/unet",
-                                   "update_norm/text_encoder",
-                                   "update_norm/qnetwork"},
     "lookforward_custom_diffusion_tpu": {"loss/actor", "loss/critic", "q/mean",
                                          "reward/latent", "loss/prior",
                                          "update_norm/unet",
@@ -452,7 +449,8 @@ RECIPES = {
     # The paper's form: the DINO reward through a critic of its own.
     "dino_reward_dreambooth_tpu": {"loss/actor", "loss/critic", "q/mean",
                                    "reward/dino", "reward/latent",
-                                   "loss/prior", "update_norm/unet",
+                                   "loss/prior", "loss/instance",
+                                   "update_norm/unet",
                                    "update_norm/text_encoder",
                                    "update_norm/qnetwork"},
     # LoRA on the U-Net and the text encoder; the critic trains as before.

@@ -1,0 +1,262 @@
+"""The methods on Stable Diffusion XL: each row's conditioning, and LoRA.
+
+SDXL conditions its U-Net on the text states of both encoders, the pooled
+text of the second and six time ids per image (its original size, the crop's
+top-left corner, the target size). Training rows carry the time ids of their
+own image, as diffusers' ``train_dreambooth_lora_sdxl.py`` computes them.
+The tiny SDXL pipeline (``tiny-sdxl``) stands in for SDXL base 1.0.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from personalize_jax import diffusion, sdxl
+from personalize_jax.data import images as images_lib
+from personalize_jax.methods import common, dreambooth
+from personalize_jax.pipeline import load_stable_diffusion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import recipes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+RESOLUTION = 64
+# Photos of three shapes (h, w) and their rows of time ids at 64 px, written
+# out by hand from the script's arithmetic: the shorter side resized to 64
+# (the other truncated), the crop centred with Python's round, flipped copies
+# cropped from the mirrored photo (their left edge measured from the other
+# side).
+PHOTOS = {(80, 64): [80, 64, 8, 0, 64, 64],   # tall: (64, 80), top 8.
+          (64, 97): [64, 97, 0, 16, 64, 64],  # wide: (97, 64), round(16.5).
+          (64, 64): [64, 64, 0, 0, 64, 64]}
+FLIPPED = {(80, 64): [80, 64, 8, 0, 64, 64],
+           (64, 97): [64, 97, 0, 17, 64, 64],  # 97 - 16 - 64.
+           (64, 64): [64, 64, 0, 0, 64, 64]}
+
+
+@pytest.mark.parametrize("shape", sorted(PHOTOS))
+def test_crop_geometry_is_what_the_pixels_are(shape):
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, shape + (3,), np.uint8)
+  h, w, top, left = images_lib.crop_geometry(photo, RESOLUTION)
+  assert [h, w, top, left, RESOLUTION, RESOLUTION] == PHOTOS[shape]
+  _, _, _, flipped_left = images_lib.crop_geometry(photo, RESOLUTION,
+                                                   flipped=True)
+  assert flipped_left == FLIPPED[shape][3]
+  # The pixels are those windows of the resized photo and of its mirror.
+  resized_w = max(RESOLUTION, int(RESOLUTION * shape[1] / shape[0]))
+  resized_h = max(RESOLUTION, int(RESOLUTION * shape[0] / shape[1]))
+  resized = np.asarray(Image.fromarray(photo).resize(
+      (resized_w, resized_h), Image.Resampling.BILINEAR), np.float32)
+  pixels = images_lib.preprocess(photo, RESOLUTION)
+  window = resized[top:top + RESOLUTION, left:left + RESOLUTION]
+  np.testing.assert_array_equal(pixels, window / 127.5 - 1.0)
+  mirror = resized[:, ::-1]
+  np.testing.assert_array_equal(
+      images_lib.flip(pixels),
+      mirror[top:top + RESOLUTION, flipped_left:flipped_left + RESOLUTION]
+      / 127.5 - 1.0)
+
+
+def test_a_squashed_photo_has_no_crop():
+  photo = np.zeros((80, 97, 3), np.uint8)
+  assert images_lib.crop_geometry(photo, RESOLUTION, center_crop=False,
+                                  flipped=True) == (80, 97, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def dreambooth_sdxl(tmp_path_factory):
+  """DreamBooth on tiny SDXL: photos of three shapes, two class images."""
+  tmp = tmp_path_factory.mktemp("sdxl_dreambooth")
+  rng = np.random.default_rng(1)
+  photos, class_dir = tmp / "photos", tmp / "class_images"
+  photos.mkdir()
+  class_dir.mkdir()
+  for i, shape in enumerate(sorted(PHOTOS)):
+    Image.fromarray(rng.integers(0, 256, shape + (3,), np.uint8)).save(
+        photos / f"{i}.png")
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(
+        class_dir / f"class_{i:05d}.png")
+  config = recipes.load("dreambooth_tpu", "sdxl,tiny", **{
+      "data.instance_dir": str(photos), "data.min_image_side": 64,
+      "dreambooth.class_images_dir": str(class_dir),
+      "dreambooth.num_class_images": 2, "batch_size": 3})
+  pipeline = load_stable_diffusion(config.model.pretrained)
+  method, params, frozen = helpers.build(dreambooth, config, tmp / "run",
+                                         pipeline)
+  return config, pipeline, method, params, frozen
+
+
+def test_the_sdxl_variant_trains_the_tiny_sdxl_pipeline(dreambooth_sdxl):
+  config, pipeline, *_ = dreambooth_sdxl
+  assert config.model.pretrained == "tiny-sdxl" and pipeline.is_sdxl
+  full = recipes.load("dreambooth_tpu", "sdxl")
+  assert full.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+  assert full.data.resolution == 1024 and full.model.remat
+  assert recipes.load("rpo_tpu", "sdxl,lora").lora.rank == 32
+
+
+def test_each_training_row_carries_its_images_time_ids(dreambooth_sdxl):
+  config, _, method, *_ = dreambooth_sdxl
+  # Photos load in file order (sorted shapes); flipped copies follow them.
+  table = ([PHOTOS[s] for s in sorted(PHOTOS)]
+           + [FLIPPED[s] for s in sorted(PHOTOS)])
+  data = dreambooth.prepare(helpers.context(
+      config, Path(config.dreambooth.class_images_dir).parent / "run",
+      dreambooth_sdxl[1]), text_trains=False)
+  seen = set()
+  for step in range(4):
+    batch = method.batch(step)
+    mean = batch["instance_mean"]
+    for row in range(len(mean)):
+      index = int(np.flatnonzero(
+          (data.instance["mean"] == mean[row]).all(axis=(1, 2, 3)))[0])
+      np.testing.assert_array_equal(batch["instance_time_ids"][row],
+                                    table[index])
+      seen.add(index)
+    np.testing.assert_array_equal(batch["class_time_ids"],
+                                  [[64, 64, 0, 0, 64, 64]] * len(mean))
+  assert len(seen) > 3  # flipped copies too
+
+
+def test_the_loss_is_the_unets_error_under_each_rows_conditioning(
+    dreambooth_sdxl):
+  config, pipeline, method, params, frozen = dreambooth_sdxl
+  batch = method.batch(0)
+  rng = jax.random.key(3)
+  loss, metrics = method.loss_fn(params, frozen, batch, rng)
+  # The same step written out with the pipeline's own encoder and U-Net.
+  bs = config.batch_size
+  latent_rng, noise_rng = jax.random.split(rng)
+  latents = common.sample_latents(
+      np.concatenate([batch["instance_mean"], batch["class_mean"]]),
+      np.concatenate([batch["instance_std"], batch["class_std"]]), latent_rng,
+      pipeline.vae.scaling_factor)
+  noise, t = diffusion.draw_noise(pipeline.schedule, noise_rng, latents.shape)
+  states, pooled = diffusion.encode_prompts(
+      pipeline, ["a photo of sks mug", "a photo of mug"])
+  prompt = np.array([0] * bs + [1] * bs)
+  time_ids = np.concatenate([batch["instance_time_ids"],
+                             batch["class_time_ids"]])
+
+  def error(ids):
+    pred = pipeline.unet(pipeline.schedule.add_noise(latents, noise, t), t,
+                         states[prompt], text_embeds=pooled[prompt],
+                         time_ids=ids)
+    return diffusion.per_sample_error(
+        pred, pipeline.schedule.training_target(latents, noise, t))
+
+  err = error(time_ids)
+  np.testing.assert_allclose(metrics["loss/instance"], jnp.mean(err[:bs]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss/prior"], jnp.mean(err[bs:]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, jnp.mean(err[:bs]) + jnp.mean(err[bs:]),
+                             rtol=1e-5)
+  # The time ids reach the U-Net: the squares' ids give other errors.
+  square = np.tile(sdxl.time_ids(RESOLUTION), (2 * bs, 1))
+  assert not np.allclose(error(square)[:bs], err[:bs], rtol=1e-4)
+
+
+# ------------------------------------------------- a LoRA run, in diffusers
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """Two steps of DreamBooth-LoRA on tiny SDXL, both text encoders too."""
+  from personalize_jax.engine import metrics as metrics_lib, train  # pylint: disable=g-import-not-at-top
+  config = recipes.load("dreambooth_tpu", "sdxl,tiny,lora", **{
+      "num_steps": 2, "learning_rate": 1e-2, "log_every_steps": 1,
+      "dreambooth.prior_preservation": False,
+      "dreambooth.train_text_encoder": True,
+      "eval.prompts": ["a {token} {class_name}"],
+      "eval.num_inference_steps": 1})
+  workdir = tmp_path_factory.mktemp("sdxl_lora")
+  train.train_and_evaluate(config, str(workdir), dreambooth)
+  return config, workdir, metrics_lib.read_metrics(workdir)
+
+
+@pytest.mark.slow
+def test_every_text_encoder_and_the_unet_train_their_adapters(lora_run):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  config, workdir, metrics = lora_run
+  assert config.trainable == tuple(
+      rf"^{c}\..*\.lora_[AB]\.weight$"
+      for c in ("unet", "text_encoder", "text_encoder_2"))
+  tensors = load_file(workdir / "export" / "pytorch_lora_weights.safetensors")
+  # B starts at zero: a B that is not zero trained. SDXL reads the first
+  # encoder's penultimate states, so its last layer gets no gradient (as in
+  # diffusers) and keeps B at zero; every other adapted layer moves.
+  last = "text_encoder.encoder.layers.1."
+  for component in ("unet", "text_encoder", "text_encoder_2"):
+    ups = {k: v for k, v in tensors.items()
+           if k.startswith(component + ".") and k.endswith("lora_B.weight")}
+    assert ups, component
+    for key, up in ups.items():
+      assert np.any(up) != key.startswith(last), key
+  # Named as transformers 5 names the modules: CLIPTextModel has no tower,
+  # CLIPTextModelWithProjection keeps ``text_model``.
+  assert not any(k.startswith("text_encoder.text_model.") for k in tensors)
+  assert all(k.startswith("text_encoder_2.text_model.encoder.")
+             for k in tensors if k.startswith("text_encoder_2."))
+  logged = [r for r in metrics if "loss" in r]
+  assert logged and all(r[f"update_norm/{c}"] > 0 for r in logged
+                        for c in ("unet", "text_encoder", "text_encoder_2"))
+
+
+@pytest.mark.slow
+def test_the_lora_loads_in_diffusers_sdxl_pipeline_and_computes_ours(
+    lora_run, tmp_path):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from personalize_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = lora_run
+  load_stable_diffusion("tiny-sdxl").save_pretrained(tmp_path / "base")
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "base")
+  pipe.load_lora_weights(workdir / "export")
+  # Ours: the base with the exported LoRA fused as it loads.
+  ours = pipeline_lib.load_export(workdir / "export")
+  assert ours.is_sdxl
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  states = rng.standard_normal((2, 77, 64)).astype(np.float32)
+  pooled = rng.standard_normal((2, 32)).astype(np.float32)
+  time_ids = np.array([[80, 64, 8, 0, 64, 64], [64, 97, 0, 17, 64, 64]],
+                      np.float32)
+  t = np.asarray([10, 700])
+  prompts = ["a photo of sks mug", "a sks mug on the beach"]
+
+  @torch.no_grad()
+  def diffusers_outputs():
+    """The U-Net's output and the prompts' states and pooled text."""
+    unet = pipe.unet(
+        torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+        torch.from_numpy(states), added_cond_kwargs={
+            "text_embeds": torch.from_numpy(pooled),
+            "time_ids": torch.from_numpy(time_ids)}
+    ).sample.permute(0, 2, 3, 1).numpy()
+    text_states, _, text_pooled, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False)
+    return unet, text_states.numpy(), text_pooled.numpy()
+
+  theirs, their_states, their_pooled = diffusers_outputs()
+  mine = np.asarray(ours.unet(x, t, states, text_embeds=pooled,
+                              time_ids=time_ids))
+  rel = lambda a, b: np.abs(a - np.asarray(b)).max() / np.abs(b).max()
+  assert rel(mine, theirs) < 1e-4
+  my_states, my_pooled = diffusion.encode_prompts(ours, prompts)
+  assert rel(np.asarray(my_states), their_states) < 1e-4
+  assert rel(np.asarray(my_pooled), their_pooled) < 1e-4
+  # The LoRA matters in each model: without it diffusers computes otherwise.
+  pipe.unload_lora_weights()
+  base, base_states, base_pooled = diffusers_outputs()
+  assert rel(mine, base) > 1e-3
+  # The first encoder's half of the states, and the second's pooled text.
+  assert rel(np.asarray(my_states)[..., :32], base_states[..., :32]) > 1e-3
+  assert rel(np.asarray(my_pooled), base_pooled) > 1e-3
