@@ -42,4 +42,4 @@ def get_config(arg: str | None = None):
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 250
   # No LoRA variant: Custom Diffusion already trains a small subset.
-  return config_lib.with_variant(c, arg, lora=None, sdxl=None)
+  return config_lib.with_variant(c, arg, lora=None)

@@ -26,11 +26,11 @@ from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
 from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.methods import dreambooth
-from personalize_jax.models import checkpoint
+from personalize_jax.models import checkpoint, presets
 from personalize_jax.models import tokenizer as tokenizer_lib
 
-# The pipeline components config.trainable may name.
-COMPONENTS = ("unet", "text_encoder")
+# The pipeline components config.trainable may name (text_encoder_2: SDXL's).
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # DreamBooth's loss, so DreamBooth's training options (engine/config.py).
 TRAINING_OPTIONS = dreambooth.TRAINING_OPTIONS
 
@@ -40,6 +40,13 @@ TRAINING_OPTIONS = dreambooth.TRAINING_OPTIONS
 TRAINABLE = (r"^unet\..*attn2\.to_[kv]\.",
              r"^text_encoder\.text_model\.embeddings\.token_embedding\.")
 TOKEN_TABLE = "text_encoder.text_model.embeddings.token_embedding.weight"
+# SDXL's second text encoder gets the token too; its row trains beside the
+# first one's (resolve adds the regex on an SDXL model).
+TRAINABLE_2 = r"^text_encoder_2\.text_model\.embeddings\.token_embedding\."
+TOKEN_TABLE_2 = "text_encoder_2.text_model.embeddings.token_embedding.weight"
+# (component, token table, tokenizer attribute) of each text encoder.
+_ENCODERS = (("text_encoder", TOKEN_TABLE, "tokenizer"),
+             ("text_encoder_2", TOKEN_TABLE_2, "tokenizer_2"))
 
 
 def add_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -111,19 +118,29 @@ def refuse_lora(config: ml_collections.ConfigDict) -> None:
 
 
 def resolve(config: ml_collections.ConfigDict) -> None:
-  """Without a modifier token the token table has nothing to train."""
+  """Without a modifier token the token tables have nothing to train; with
+  one on SDXL the second encoder's row trains with the first's."""
   refuse_lora(config)
+  patterns = [p for p in config.trainable if p != TRAINABLE_2]
   if not config.custom_diffusion.modifier_token:
-    config.trainable = tuple(p for p in config.trainable if p != TRAINABLE[1])
+    patterns = [p for p in patterns if p != TRAINABLE[1]]
+  elif (TRAINABLE[1] in patterns
+        and pipeline_lib.is_sdxl_source(config.model.pretrained)):
+    patterns.append(TRAINABLE_2)
+  config.trainable = tuple(patterns)
 
 
-def base_tokenizer(config: ml_collections.ConfigDict):
-  """The tokenizer of ``config.model.pretrained`` (its files only, no model)."""
+def base_tokenizers(config: ml_collections.ConfigDict) -> list:
+  """The tokenizers of ``config.model.pretrained`` (files only, no model):
+  one, or SDXL's two."""
   source = config.model.pretrained
-  if source == "tiny":
-    return tokenizer_lib.load_tokenizer(source)
-  return tokenizer_lib.load_tokenizer(checkpoint.resolve_pretrained(source),
-                                      subfolder="tokenizer")
+  names = (("tokenizer", "tokenizer_2")
+           if pipeline_lib.is_sdxl_source(source) else ("tokenizer",))
+  if source in pipeline_lib.TINY_PIPELINES:
+    return [tokenizer_lib.load_tokenizer(presets.TINY) for _ in names]
+  folder = checkpoint.resolve_pretrained(source)
+  return [tokenizer_lib.load_tokenizer(folder, subfolder=name)
+          for name in names]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -134,12 +151,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   dreambooth.validate(config)
   refuse_lora(config)
-  if pipeline_lib.is_sdxl_source(config.model.pretrained):
-    raise UserError(
-        f"config.model.pretrained={config.model.pretrained!r} is an SDXL "
-        "pipeline; Custom Diffusion trains Stable Diffusion 1.x/2.x here "
-        "(its modifier token would need both SDXL tokenizers): use "
-        "config.method=dreambooth with lora.rank > 0 on SDXL")
   token = config.custom_diffusion.modifier_token
   if not token:
     return
@@ -149,44 +160,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.unique_token={config.data.unique_token!r}; the prompts "
         "must name the subject with the new token, so set both to the same "
         "word")
-  tokenizer = base_tokenizer(config)
-  initializer_id(tokenizer, config.custom_diffusion.initializer_token)
-  if token in tokenizer.get_vocab():
-    raise UserError(
-        f"the tokenizer of {config.model.pretrained} already has {token!r}; "
-        "pick a new word for config.custom_diffusion.modifier_token and "
-        "config.data.unique_token, e.g. '<new2>'")
+  for tokenizer in base_tokenizers(config):
+    initializer_id(tokenizer, config.custom_diffusion.initializer_token)
+    if token in tokenizer.get_vocab():
+      raise UserError(
+          f"the tokenizer of {config.model.pretrained} already has {token!r}; "
+          "pick a new word for config.custom_diffusion.modifier_token and "
+          "config.data.unique_token, e.g. '<new2>'")
 
 
-def add_modifier_token(ctx: Context) -> int:
-  """Adds the modifier token to the pipeline's tokenizer and text encoder.
+def add_modifier_token(ctx: Context) -> dict[str, int]:
+  """Adds the modifier token to the pipeline's tokenizers and text encoders.
 
-  The tokenizer grows in place and ``pipeline.text_encoder`` is replaced by
-  one with a row more, copied from the initializer token's; the engine
-  trains and exports that pipeline, so both reach the export.
+  Each tokenizer grows in place and its text encoder is replaced by one with
+  a row more, copied from the initializer token's (SDXL: in both encoders,
+  as each has its own vocabulary table); the engine trains and exports that
+  pipeline, so they reach the export.
 
   Returns:
-    The new token's id.
+    ``{component: the new token's id}`` per text encoder.
   """
   cfg, pipe = ctx.config, ctx.pipeline
   token = cfg.custom_diffusion.modifier_token
-  source_id = initializer_id(pipe.tokenizer,
-                             cfg.custom_diffusion.initializer_token)
-  if pipe.tokenizer.add_tokens(token) != 1:
-    raise UserError(
-        f"the tokenizer of {cfg.model.pretrained} already has {token!r}; "
-        "pick a new word for config.custom_diffusion.modifier_token and "
-        "config.data.unique_token, e.g. '<new2>'")
-  token_id = pipe.tokenizer.convert_tokens_to_ids(token)
-  encoder = pipe.text_encoder
-  if token_id != encoder.config.vocab_size:
-    raise ValueError(
-        f"the new token got id {token_id} but the text encoder has "
-        f"{encoder.config.vocab_size} rows; tokenizer and text encoder of "
-        f"{cfg.model.pretrained} do not match")
-  table = encoder.text_model.embeddings.token_embedding.embedding.get_value()
-  pipe.text_encoder = encoder.with_added_tokens(table[source_id][None])
-  return int(token_id)
+  ids = {}
+  for component, _, tokenizer_name in _ENCODERS:
+    encoder, tokenizer = getattr(pipe, component), getattr(pipe,
+                                                           tokenizer_name)
+    if encoder is None:
+      continue
+    source_id = initializer_id(tokenizer,
+                               cfg.custom_diffusion.initializer_token)
+    if tokenizer.add_tokens(token) != 1:
+      raise UserError(
+          f"the tokenizer of {cfg.model.pretrained} already has {token!r}; "
+          "pick a new word for config.custom_diffusion.modifier_token and "
+          "config.data.unique_token, e.g. '<new2>'")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id != encoder.config.vocab_size:
+      raise ValueError(
+          f"the new token got id {token_id} but the {component} has "
+          f"{encoder.config.vocab_size} rows; its tokenizer and it do not "
+          f"match in {cfg.model.pretrained}")
+    table = encoder.text_model.embeddings.token_embedding.embedding.get_value()
+    setattr(pipe, component, encoder.with_added_tokens(table[source_id][None]))
+    ids[component] = int(token_id)
+  return ids
 
 
 def new_rows(vocab_size: int, token_id: int) -> np.ndarray:
@@ -194,32 +212,37 @@ def new_rows(vocab_size: int, token_id: int) -> np.ndarray:
   return np.arange(vocab_size) == token_id
 
 
-def restrict(params, rows: np.ndarray | None):
-  """``params`` whose token table passes gradients through ``rows`` only.
+def restrict(params, rows: dict[str, np.ndarray]):
+  """``params`` whose token tables pass gradients through their ``rows`` only.
 
-  Clipping and the reported gradient norm then see what trains (diffusers
-  zeroes the other rows' gradients too); None or no trained text encoder
-  leaves ``params`` as they are.
+  ``rows`` maps a token table's name (``TOKEN_TABLE``, SDXL's
+  ``TOKEN_TABLE_2``) to its bool rows. Clipping and the reported gradient
+  norm then see what trains (diffusers zeroes the other rows' gradients
+  too); a table whose encoder does not train is left as it is.
   """
-  if rows is None or "text_encoder" not in params:
-    return params
-  return dict(params, text_encoder=only_rows(
-      params["text_encoder"], "text_encoder", TOKEN_TABLE, jnp.asarray(rows)))
+  out = dict(params)
+  for component, table, _ in _ENCODERS:
+    if table in rows and component in params:
+      out[component] = only_rows(params[component], component, table,
+                                 jnp.asarray(rows[table]))
+  return out
 
 
-def setup(ctx: Context) -> tuple[dict, np.ndarray | None]:
-  """What trains: ``({name: module}, token-table rows or None)``.
+def setup(ctx: Context) -> tuple[dict, dict[str, np.ndarray]]:
+  """What trains: ``({name: module}, {token table: rows})``.
 
   Adds the modifier token first (when there is one), so that the grown text
-  encoder is the one that trains and is exported.
+  encoders are the ones that train and are exported. The rows are the
+  engine's ``row_masks`` (empty without a modifier token).
   """
-  token_id = None
+  token_ids = {}
   if ctx.config.custom_diffusion.modifier_token:
-    token_id = add_modifier_token(ctx)
+    token_ids = add_modifier_token(ctx)
   trainable = {"unet": ctx.pipeline.unet, **dreambooth.text_modules(ctx)}
-  rows = None
-  if token_id is not None and "text_encoder" in trainable:
-    rows = new_rows(ctx.pipeline.text_encoder.config.vocab_size, token_id)
+  rows = {table: new_rows(trainable[component].config.vocab_size,
+                          token_ids[component])
+          for component, table, _ in _ENCODERS
+          if component in token_ids and component in trainable}
   return trainable, rows
 
 
@@ -238,4 +261,4 @@ def build(ctx: Context) -> Method:
       trainable=trainable, loss_fn=loss_fn,
       batch=lambda step: dreambooth.make_batch(config, data, step),
       constants=dreambooth.constants(data),
-      row_masks={} if rows is None else {TOKEN_TABLE: rows})
+      row_masks=rows)

@@ -173,7 +173,7 @@ class Setup:
   terms: tuple[str, ...]
   weights: dict
   td: bool
-  rows: np.ndarray | None  # Custom Diffusion's token-table rows, or None.
+  rows: dict  # Custom Diffusion's token-table rows by table ({} for DreamBooth).
 
 
 def make_critics(terms, latent_size: int, seed: int) -> nnx.Dict:
@@ -377,7 +377,7 @@ def build(ctx: Context) -> Method:
     trainable, rows = custom_diffusion.setup(ctx)
   else:
     trainable, rows = {"unet": ctx.pipeline.unet,
-                       **dreambooth.text_modules(ctx)}, None
+                       **dreambooth.text_modules(ctx)}, {}
   data = dreambooth.prepare(ctx, text_trains="text_encoder" in trainable)
   frozen, constants = {}, dreambooth.constants(data)
   if "dino" in terms:
@@ -401,6 +401,6 @@ def build(ctx: Context) -> Method:
           setup, params, frozen_, batch, rng),
       batch=lambda step: dreambooth.make_batch(config, data, step),
       extra_optimizers=critic_optimizers(config, td),
-      row_masks={} if rows is None else {custom_diffusion.TOKEN_TABLE: rows},
+      row_masks=rows,
       post_update=(lambda params, step: update_target(config, params, step))
       if td else None)

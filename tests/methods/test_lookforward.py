@@ -87,7 +87,7 @@ def _method(tmp_path=None, unet=None, frozen_modules=None,
   setup = lookforward.Setup(config=config, graphs=graphs, data=data,
                             terms=terms,
                             weights=lookforward.reward_weights(config), td=td,
-                            rows=None)
+                            rows={})
   constants = {"emb": jnp.asarray(emb)}
   if dino_reference is not None:
     constants["dino_reference"] = jnp.asarray(dino_reference)

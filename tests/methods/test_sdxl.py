@@ -260,3 +260,76 @@ def test_the_lora_loads_in_diffusers_sdxl_pipeline_and_computes_ours(
   # The first encoder's half of the states, and the second's pooled text.
   assert rel(np.asarray(my_states)[..., :32], base_states[..., :32]) > 1e-3
   assert rel(np.asarray(my_pooled), base_pooled) > 1e-3
+
+
+# ------------------------------------- Custom Diffusion: the token in both
+
+
+@pytest.fixture(scope="module")
+def custom_diffusion_run(tmp_path_factory):
+  """Two steps of Custom Diffusion on tiny SDXL; the base's tensors."""
+  from personalize_jax.engine import train  # pylint: disable=g-import-not-at-top
+  from personalize_jax.methods import custom_diffusion  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  config = recipes.load("custom_diffusion_tpu", "sdxl,tiny", **{
+      "num_steps": 2, "learning_rate": 1e-3,
+      "dreambooth.prior_preservation": False,
+      "eval.prompts": ["a {token} {class_name}"],
+      "eval.num_inference_steps": 1})
+  workdir = tmp_path_factory.mktemp("sdxl_custom_diffusion")
+  train.train_and_evaluate(config, str(workdir), custom_diffusion)
+  base = load_stable_diffusion("tiny-sdxl", seed=config.seed)
+  return config, workdir / "export", {
+      name: checkpoint.module_tensors(getattr(base, name))
+      for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+@pytest.mark.slow
+def test_custom_diffusion_trains_kv_and_the_new_row_of_both_tables(
+    custom_diffusion_run):
+  from personalize_jax.methods import custom_diffusion  # pylint: disable=g-import-not-at-top
+  from personalize_jax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  config, export, before = custom_diffusion_run
+  assert config.trainable == (*custom_diffusion.TRAINABLE,
+                              custom_diffusion.TRAINABLE_2)
+  ours = load_stable_diffusion(export)
+  table = "text_model.embeddings.token_embedding.weight"
+  for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    after = checkpoint.module_tensors(getattr(ours, name))
+    assert sorted(after) == sorted(before[name]), name
+    moved = {k for k in after if after[k].shape != before[name][k].shape
+             or not np.array_equal(after[k], before[name][k])}
+    if name == "unet":
+      assert moved and all(".attn2.to_k." in k or ".attn2.to_v." in k
+                           for k in moved)
+      assert len(moved) == len([k for k in after
+                                if ".attn2.to_k." in k or ".attn2.to_v." in k])
+    elif name == "vae":
+      assert not moved
+    else:  # one row more, the only one that moved (despite weight decay)
+      assert moved == {table}, name
+      new, old = after[table], before[name][table]
+      assert new.shape[0] == old.shape[0] + 1
+      np.testing.assert_array_equal(new[:-1], old)
+      assert getattr(ours, "tokenizer" + name[len("text_encoder"):]
+                     ).convert_tokens_to_ids("<new1>") == old.shape[0]
+
+
+@pytest.mark.slow
+def test_custom_diffusion_export_loads_in_diffusers_sdxl_pipeline(
+    custom_diffusion_run):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  _, export, _ = custom_diffusion_run
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(export)
+  prompts = ["a photo of a <new1> mug"]
+  with torch.no_grad():
+    states, _, pooled, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False)
+  ours = load_stable_diffusion(export)
+  my_states, my_pooled = diffusion.encode_prompts(ours, prompts)
+  np.testing.assert_allclose(my_states, states.numpy(), atol=1e-5)
+  np.testing.assert_allclose(my_pooled, pooled.numpy(), atol=1e-5)
+  # The new token is one token in both tokenizers.
+  for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+    assert len(tokenizer.tokenize("<new1>")) == 1
