@@ -8,6 +8,7 @@ Shapes (``SHAPES``):
             (32x32 latents), 256-wide text.
   sd14-256  Stable Diffusion 1.4's U-Net, text encoder and VAE (random
   sd14-512  weights, no download) at 256 px and at 512 px.
+  sdxl-1024 SDXL base 1.0's U-Net, both text encoders and VAE at 1024 px.
 
 Data preparation (class images, RPO's generated images, VAE latents, text
 embeddings) always runs with small *stand-in* models of the shape's latent
@@ -38,9 +39,10 @@ from flax import nnx
 from personalize_jax import diffusion, methods
 from personalize_jax.engine import config as config_lib
 from personalize_jax.engine import sharding, state as state_lib, train
-from personalize_jax.engine.method import Method
+from personalize_jax.engine.method import Method, state_of
 from personalize_jax.models import checkpoint, presets
-from personalize_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from personalize_jax.models.clip import (CLIPTextConfig, CLIPTextModel,
+                                         CLIPTextModelWithProjection)
 from personalize_jax.models.tokenizer import load_tokenizer
 from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -80,6 +82,11 @@ class Shape:
   full_size: bool  # published modules: built abstractly, never materialised.
   text: dict = dataclasses.field(default_factory=lambda: SD14_TEXT)
   vae: dict = dataclasses.field(default_factory=lambda: SD14_VAE)
+  text_2: dict | None = None  # SDXL's second text encoder.
+
+  @property
+  def sdxl(self) -> bool:
+    return self.text_2 is not None
 
 
 SHAPES = {
@@ -87,6 +94,12 @@ SHAPES = {
     "small": Shape("small", SMALL_UNET, 256, False),
     "sd14-256": Shape("sd14-256", SD14_UNET, 256, True),
     "sd14-512": Shape("sd14-512", SD14_UNET, 512, True),
+    "tiny-sdxl": Shape("tiny-sdxl", presets.TINY_SDXL_UNET, 64, False,
+                       presets.TINY_SDXL_TEXT, presets.TINY_SDXL_VAE,
+                       presets.TINY_SDXL_TEXT_2),
+    "sdxl-1024": Shape("sdxl-1024", presets.SDXL_UNET, 1024, True,
+                       presets.SDXL_TEXT, presets.SDXL_VAE,
+                       presets.SDXL_TEXT_2),
 }
 
 
@@ -99,18 +112,20 @@ def shape_of(config) -> Shape:
   """
   name = config.model.pretrained
   resolution = config.data.resolution
-  if name == presets.TINY:
-    return Shape("tiny", presets.UNET, resolution, False)
+  if name in (presets.TINY, presets.TINY_SDXL):
+    return dataclasses.replace(SHAPES[name], resolution=resolution)
   if name in presets.PUBLISHED:
     published = presets.PUBLISHED[name]
     return Shape(f"{name.split('/')[-1]}@{resolution}", published["unet"],
                  resolution, True, published["text_encoder"],
-                 published["vae"])
+                 published["vae"], published.get("text_encoder_2"))
   folder = Path(name)
   if (folder / "unet" / "config.json").is_file():
     read = lambda part: json.loads((folder / part / "config.json").read_text())
+    second = folder / "text_encoder_2" / "config.json"
     return Shape(f"{folder.name}@{resolution}", read("unet"), resolution, True,
-                 read("text_encoder"), read("vae"))
+                 read("text_encoder"), read("vae"),
+                 read("text_encoder_2") if second.is_file() else None)
   raise SystemExit(
       f"config.model.pretrained={name!r}: no published config is known for it "
       f"and it is not a local diffusers folder; use one of "
@@ -149,6 +164,8 @@ def recipe_config(method: str, shape: Shape, *, batch_size: int,
   config = config_lib.load_recipe(
       REPO / "configs" / RECIPES[method]).get_config("tiny")
   config.lora.rank = lora_rank
+  if shape.sdxl:  # what the config says of the model: SDXL (the stand-ins)
+    config.model.pretrained = presets.TINY_SDXL
   config.data.resolution = shape.resolution
   config.batch_size = batch_size
   config.mixed_precision = precision
@@ -177,16 +194,19 @@ def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
                       attention_impl: str = "auto") -> StableDiffusion:
   """Materialised models with the shape's latent geometry and text width.
 
-  ``tiny`` is exactly ``load_stable_diffusion("tiny")``. Otherwise: the tiny
-  VAE (8x, 4 channels, like SD's), a 2-layer CLIP text encoder as wide as the
-  U-Net's cross-attention, and the shape's U-Net, or, for the full-size
-  shapes, the tiny U-Net made as wide in its cross-attention.
+  ``tiny`` (``tiny-sdxl``) is exactly ``load_stable_diffusion("tiny")``
+  (``"tiny-sdxl"``). Otherwise: the tiny VAE (8x, 4 channels, like SD's), a
+  2-layer CLIP text encoder as wide as the U-Net's cross-attention, and the
+  shape's U-Net, or, for the full-size shapes, the tiny U-Net made as wide in
+  its cross-attention (SDXL: ``sdxl_stand_in``).
   """
   dtype = compute_dtype(precision)
-  if shape.name == "tiny":
-    return load_stable_diffusion("tiny", dtype=dtype,
+  if shape.name in ("tiny", "tiny-sdxl"):
+    return load_stable_diffusion(shape.name, dtype=dtype,
                                  attention_impl=attention_impl, seed=seed)
   kw = dict(dtype=dtype, attention_impl=attention_impl)
+  if shape.sdxl:
+    return sdxl_stand_in(shape, seed, kw)
   width = shape.unet["cross_attention_dim"]
   unet_config = (dict(presets.UNET, cross_attention_dim=width)
                  if shape.full_size else shape.unet)
@@ -205,17 +225,61 @@ def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
       source=f"stand-in:{shape.name}")
 
 
+def sdxl_stand_in(shape: Shape, seed: int, kw: dict) -> StableDiffusion:
+  """Small SDXL models with a full-size SDXL's widths: the tiny SDXL U-Net
+  with its cross-attention and added-conditioning widths, two 2-layer text
+  encoders as wide as the shape's (their states side by side fill the
+  cross-attention; the second's projection is the pooled width), the tiny
+  VAE with SDXL's latent scale."""
+  width = shape.unet["cross_attention_dim"]
+  pooled = shape.text_2["projection_dim"]
+  unet = dict(presets.TINY_SDXL_UNET, cross_attention_dim=width,
+              projection_class_embeddings_input_dim=(
+                  pooled + 6 * presets.TINY_SDXL_UNET[
+                      "addition_time_embed_dim"]))
+  texts = [dict(base, hidden_size=part["hidden_size"],
+                intermediate_size=2 * part["hidden_size"],
+                projection_dim=part.get("projection_dim", 512))
+           for base, part in ((presets.TINY_SDXL_TEXT, shape.text),
+                              (presets.TINY_SDXL_TEXT_2, shape.text_2))]
+  if sum(t["hidden_size"] for t in texts) != width:
+    raise SystemExit(f"{shape.name}: the text encoders' widths do not add up "
+                     f"to the U-Net's cross-attention ({width})")
+  tokenizer_2 = load_tokenizer(presets.TINY)
+  tokenizer_2.pad_token = "!"
+  return StableDiffusion(
+      unet=_random(lambda: UNet2DConditionModel(
+          UNet2DConditionConfig.from_dict(unet),
+          rngs=checkpoint.shape_only_rngs(), **kw), seed),
+      vae=_random(lambda: AutoencoderKL(
+          AutoencoderKLConfig.from_dict(presets.TINY_SDXL_VAE),
+          rngs=checkpoint.shape_only_rngs(), **kw), seed + 1),
+      text_encoder=_random(lambda: CLIPTextModel(
+          CLIPTextConfig.from_dict(texts[0]),
+          rngs=checkpoint.shape_only_rngs(), **kw), seed + 2),
+      text_encoder_2=_random(lambda: CLIPTextModelWithProjection(
+          CLIPTextConfig.from_dict(texts[1]),
+          rngs=checkpoint.shape_only_rngs(), **kw), seed + 3),
+      tokenizer=load_tokenizer(presets.TINY), tokenizer_2=tokenizer_2,
+      schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
+      source=f"stand-in:{shape.name}")
+
+
 def full_size(module: nnx.Module, shape: Shape, config) -> nnx.Module:
   """An abstract full-size twin of a stand-in U-Net/VAE/text encoder.
 
   Other modules (a critic, DINO) are returned as they are. A text encoder
-  keeps its vocabulary size (Custom Diffusion adds a token).
+  keeps its vocabulary size (Custom Diffusion adds a token); SDXL's second
+  (``CLIPTextModelWithProjection``) gets the shape's ``text_2``.
   """
   kw = dict(dtype=compute_dtype(config.mixed_precision),
             attention_impl=config.model.attention_impl,
             remat=config.model.remat)
   if isinstance(module, UNet2DConditionModel):
     cls, cfg = UNet2DConditionModel, UNet2DConditionConfig.from_dict(shape.unet)
+  elif isinstance(module, CLIPTextModelWithProjection):
+    cls, cfg = CLIPTextModelWithProjection, CLIPTextConfig.from_dict(
+        dict(shape.text_2, vocab_size=module.config.vocab_size))
   elif isinstance(module, CLIPTextModel):
     cls, cfg = CLIPTextModel, CLIPTextConfig.from_dict(
         dict(shape.text, vocab_size=module.config.vocab_size))
@@ -339,12 +403,23 @@ def lower_validation(built: Built, batch: int) -> dict:
   sds = lambda s, dt=jnp.float32, where=replicated: jax.ShapeDtypeStruct(
       s, dt, sharding=where)
   steps = config.eval.num_inference_steps
+  added = {}
+  if shape.sdxl:  # the pooled text and time ids of both guidance halves
+    added = {f"{half}added_cond": {
+        "text_embeds": sds((batch, shape.text_2["projection_dim"]),
+                           where=spread),
+        "time_ids": sds((batch, 6), where=spread)}
+             for half in ("", "uncond_")}
+  # The U-Net's whole state: with LoRA (or Custom Diffusion's K/V) its
+  # trained leaves are in the train state and the rest is frozen.
+  unet_state = state_of("unet", built.state.params, built.frozen)
   ddim = diffusion._ddim_loop.lower(  # pylint: disable=protected-access
-      built.unet_def, built.state.params["unet"],
+      built.unet_def, unet_state,
       pipe.schedule, sds((batch, side, side, 4), where=spread),
       sds((batch, 77, width), where=spread), sds((batch, 77, width)),
       sds((steps,), jnp.int32), config.eval.guidance_scale, 0.0, None,
-      num_inference_steps=steps, split=diffusion.batch_split(spread))
+      num_inference_steps=steps, split=diffusion.batch_split(spread),
+      **added)
   vae = full_size(pipe.vae, shape, config) if shape.full_size else pipe.vae
   vae_def, vae_state = nnx.split(vae)
   vae_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

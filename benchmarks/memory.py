@@ -27,6 +27,8 @@ are estimates, not guarantees.
   python benchmarks/memory.py                      # both scenarios
   python benchmarks/memory.py --scenarios=gpu-80g --method=dreambooth
   python benchmarks/memory.py --scenarios=tiny-fsdp4   # smoke test
+  python benchmarks/memory.py --scenarios=sdxl-v5e-fsdp4 --lora-rank=32 \
+      --remat                                      # SDXL RPO-LoRA, 1024 px
 
 Prints JSON lines, then a markdown table.
 """
@@ -60,6 +62,12 @@ SCENARIOS = {
     "gpu-80g": Scenario(1, 1, 1, 80.0, "sd14-512",
                         "one 80 GiB GPU, batch 1"),
     "tiny-fsdp4": Scenario(4, 4, 4, 16.0, "tiny", "smoke test"),
+    # SDXL base 1.0 at 1024 px (run with --lora-rank=32 for RPO's SDXL LoRA).
+    "sdxl-v5e-fsdp4": Scenario(4, 4, 4, 16.0, "sdxl-1024",
+                               "SDXL: TPU v5e x4, 16 GiB/chip, FSDP over 4, "
+                               "batch 4"),
+    "sdxl-gpu-80g": Scenario(1, 1, 1, 80.0, "sdxl-1024",
+                             "SDXL: one 80 GiB GPU, batch 1"),
 }
 # Parameters of the fp32 reward models that stay on device 0 (README counts;
 # ALIGN: align-base, tests/models/test_align.py).
@@ -95,7 +103,8 @@ def run_scenario(name: str, args) -> list[dict]:
   assert jax.device_count() == scenario.devices, jax.devices()
   config = common.recipe_config(args.method, shape,
                                 batch_size=scenario.batch_size,
-                                precision=args.precision)
+                                precision=args.precision,
+                                lora_rank=args.lora_rank)
   config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
   config.model.remat = args.remat
   out = []
@@ -123,6 +132,9 @@ def run_scenario(name: str, args) -> list[dict]:
       "text_encoder_fp32": 4 * checkpoint.count_params(
           sized(pipe.text_encoder)),
   }
+  if pipe.is_sdxl:
+    residents["text_encoder_2_fp32"] = 4 * checkpoint.count_params(
+        sized(pipe.text_encoder_2))
   if args.method == "rpo":
     residents["reward_model_fp32"] = 4 * reward_model_params(
         config.rpo.reward_model, shape.full_size)
@@ -142,7 +154,8 @@ def run_scenario(name: str, args) -> list[dict]:
                      decode_mem["temp"] + decode_mem["output"]))
   record = {
       "benchmark": "memory", "scenario": name, "what": scenario.what,
-      "method": args.method, "shape": shape.name,
+      "method": args.method, "lora_rank": args.lora_rank,
+      "shape": shape.name,
       "resolution": shape.resolution, "precision": config.mixed_precision,
       "remat": config.model.remat, "attention": "%s (CPU compile)" % attention.resolve_impl(
           config.model.attention_impl, jnp.bfloat16
@@ -209,7 +222,8 @@ def engine_residents(name: str, args) -> dict:
   shape = common.SHAPES["tiny"]
   config = common.recipe_config(args.method, shape,
                                 batch_size=scenario.batch_size,
-                                precision=args.precision)
+                                precision=args.precision,
+                                lora_rank=args.lora_rank)
   config.mesh.data, config.mesh.fsdp = -1, scenario.fsdp
   with tempfile.TemporaryDirectory() as workdir:
     pipeline = common.stand_in_pipeline(shape, config.mixed_precision)
@@ -263,6 +277,8 @@ def main(argv=None) -> list[dict]:
                       choices=("dreambooth", "custom_diffusion", "rpo",
                                "lookforward"))
   parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+  parser.add_argument("--lora-rank", type=int, default=0,
+                      help="train LoRA adapters of this rank (0: the weights)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise U-Net blocks (config.model.remat)")
   parser.add_argument("--check-residents", action="store_true",
@@ -293,7 +309,7 @@ def main(argv=None) -> list[dict]:
     env["XLA_FLAGS"] = " ".join(flags)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--in-process",
            f"--scenarios={name}", f"--method={args.method}",
-           f"--precision={args.precision}"]
+           f"--precision={args.precision}", f"--lora-rank={args.lora_rank}"]
     cmd += ["--remat"] * args.remat + ["--check-residents"] * args.check_residents
     result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True,
                             check=True)
@@ -310,7 +326,9 @@ def main(argv=None) -> list[dict]:
     step = r["step_bytes_per_device"]
     res = r["resident_bytes_device0"]
     rows.append({
-        "scenario": r["scenario"], "method": r["method"],
+        "scenario": r["scenario"],
+        "method": r["method"] + (f" LoRA {r['lora_rank']}"
+                                 if r.get("lora_rank") else ""),
         "batch": r["batch_size"], "remat": r["remat"],
         "state": r["train_state_bytes_per_device"] / GIB,
         "frozen": r["frozen_bytes_per_device"] / GIB,

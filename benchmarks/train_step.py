@@ -127,7 +127,8 @@ def bench_one(method: str, shape: common.Shape, args, peaks: dict,
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--methods", default=",".join(common.METHODS))
-  parser.add_argument("--shapes", default=",".join(common.SHAPES))
+  parser.add_argument("--shapes", default="tiny,small,sd14-256,sd14-512",
+                      help="comma-separated, of: " + ",".join(common.SHAPES))
   parser.add_argument("--steps", type=int, default=10,
                       help="timed steps (after --warmup)")
   parser.add_argument("--warmup", type=int, default=1)

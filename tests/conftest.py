@@ -37,6 +37,7 @@ HEAVY_FILES = (
     "tests/methods/test_rpo.py",
     "tests/methods/test_lookforward.py",
     "tests/methods/test_dreambooth.py",
+    "tests/methods/test_sdxl.py",
     "tests/test_golden.py",
     "tests/test_generate.py",
 )

@@ -190,6 +190,25 @@ def test_full_size_twins_have_sd14_sizes():
                    "text_encoder": 123_060_480}
 
 
+def test_full_size_twins_of_sdxl_stand_ins_have_sdxl_sizes():
+  """The SDXL stand-ins prepare data at SDXL's widths; their twins are SDXL."""
+  from personalize_jax.models import checkpoint  # pylint: disable=g-import-not-at-top
+  shape = common.SHAPES["sdxl-1024"]
+  config = common.recipe_config("dreambooth", shape, batch_size=1,
+                                precision="bf16")
+  pipe = common.stand_in_pipeline(shape, "bf16")
+  assert pipe.is_sdxl
+  states, pooled = pipe.text_encoder, pipe.text_encoder_2
+  assert (states.config.hidden_size + pooled.config.hidden_size,
+          pooled.config.projection_dim) == (2048, 1280)
+  sizes = {name: checkpoint.count_params(
+      common.full_size(getattr(pipe, name), shape, config))
+           for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+  assert sizes == {"unet": 2_567_463_684, "vae": 83_653_863,
+                   "text_encoder": 123_060_480,
+                   "text_encoder_2": 694_659_840}
+
+
 def test_lora_size_script_counts_sd14_adapters():
   rows = {(r["components"], r["rank"]): r
           for r in _run("lora_size.py", "--ranks=4,32")}

@@ -3,9 +3,10 @@
 Every run is a tiny DreamBooth training (3 steps, a checkpoint after each)
 through the command line: a kill needs a process of its own and a resume a new
 one. ``tests/_fault_run.py`` is the same command with a SIGKILL at a chosen
-moment of the checkpoint path. One workdir is killed three times, each run
-resuming the last, before the plain command finishes it; it must end exactly
-like an uninterrupted run. All runs share the session's compilation cache
+moment of the checkpoint path. One workdir of a LoRA run (only the adapters
+in the train state) is killed three times, each run resuming the last, before
+the plain command finishes it; it must end exactly like an uninterrupted LoRA
+run. A full fine-tuning run is stopped by SIGTERM and resumed. All runs share the session's compilation cache
 (``tests/xla_env.py``) and run side by side; those whose train step is the reference run's start once it
 is cached, so the file compiles a train step three times (the reference, and
 the NaN-injected ones under ``nan_policy`` stop and skip).
@@ -146,17 +147,17 @@ def _odd_photos(folder: Path) -> int:
 def runs(tmp_path_factory):
   """Every run of this file, finished.
 
-  ``straight``: the uninterrupted reference. ``killed``: the runs of KILLS
-  on one workdir, each resuming the one before; ``resumed``: the plain command
-  that then finishes it. ``sigterm``: the reference config, sent SIGTERM once
-  it logged a step, and ``sigterm_rerun``. ``nan_stop``: NaN at NAN_STEP.
+  ``straight``: the uninterrupted reference; ``lora_straight`` the LoRA one.
+  ``killed``: the LoRA runs of KILLS on one workdir, each resuming the one
+  before; ``resumed``: the plain command that then finishes it. ``sigterm``:
+  the reference config, sent SIGTERM once it logged a step, and
+  ``sigterm_rerun``. ``nan_stop``: NaN at NAN_STEP.
   ``lenient``: what should warn and go on: NaN at NAN_STEP under
   ``nan_policy=skip``, on odd photos with a cut-off one skipped, and a prompt
   that lacks the token and is too long.
   """
   tmp = tmp_path_factory.mktemp("faults")
   r = types.SimpleNamespace(killed=[], resumed=None, sigterm_rerun=None,
-                            lora_killed=None, lora_resumed=None,
                             odd_folder=tmp / "odd_photos")
   r.odd_photos = _odd_photos(r.odd_folder)
   killed_workdir = tmp / "killed"
@@ -166,6 +167,7 @@ def runs(tmp_path_factory):
 
   nan = f"--config.debug_nan_at_step={NAN_STEP}"
   r.straight = start("straight")
+  r.lora_straight = start("lora_straight", base=LORA)
   # Its own train step (skip, NaN hook), compiled beside the reference's.
   r.lenient = start("lenient", [
       nan, "--config.nan_policy=skip",
@@ -178,33 +180,25 @@ def runs(tmp_path_factory):
     time.sleep(0.05)
   r.nan_stop = start("nan_stop", [nan])
   r.sigterm = start("sigterm")
-  r.lora_straight = start("lora_straight", base=LORA)
   faults = [fault for fault, _, _ in KILLS.values()]
   signalled = False
   while True:
-    if r.resumed is None and (not r.killed or r.killed[-1].done()):
+    # The kills start once the uninterrupted LoRA run compiled its step.
+    if r.resumed is None and (not r.killed or r.killed[-1].done()) and (
+        _logged_a_step(r.lora_straight.workdir) or r.lora_straight.done()):
       if len(r.killed) < len(faults):
         r.killed.append(start(f"killed_{len(r.killed)}",
                               workdir=killed_workdir,
-                              fault=faults[len(r.killed)]))
+                              fault=faults[len(r.killed)], base=LORA))
       else:
-        r.resumed = start("resumed", workdir=killed_workdir)
+        r.resumed = start("resumed", workdir=killed_workdir, base=LORA)
     if not signalled and _logged_a_step(r.sigterm.workdir):
       r.sigterm.process.send_signal(signal.SIGTERM)
       signalled = True
     if r.sigterm_rerun is None and r.sigterm.done():
       r.sigterm_rerun = start("sigterm_rerun", workdir=r.sigterm.workdir)
-    # The LoRA kill starts once the uninterrupted LoRA run compiled its step.
-    if r.lora_killed is None and (_logged_a_step(r.lora_straight.workdir)
-                                  or r.lora_straight.done()):
-      r.lora_killed = start("lora_killed", fault="after_save:2", base=LORA)
-    if (r.lora_resumed is None and r.lora_killed is not None
-        and r.lora_killed.done()):
-      r.lora_resumed = start("lora_resumed", workdir=r.lora_killed.workdir,
-                             base=LORA)
     everything = [r.straight, r.nan_stop, r.lenient, r.sigterm,
-                  r.sigterm_rerun, r.resumed, *r.killed, r.lora_straight,
-                  r.lora_killed, r.lora_resumed]
+                  r.sigterm_rerun, r.resumed, *r.killed, r.lora_straight]
     if all(x and x.done() for x in everything):
       return r
     assert time.monotonic() < deadline, "the runs took over 25 minutes"
@@ -243,11 +237,11 @@ def _no_traceback(run: _Run) -> None:
   assert "Traceback" not in run.stderr, run.stderr[-3000:]
 
 
-def _finished(run: _Run, steps: int = NUM_STEPS) -> None:
+def _finished(run: _Run, steps: int = NUM_STEPS, export: Path = UNET) -> None:
   assert run.returncode == 0, run.stderr[-3000:]
   _no_traceback(run)
   assert run.stdout.startswith(f"trained {steps} steps")
-  assert (run.workdir / UNET).is_file()
+  assert (run.workdir / export).is_file()
 
 
 def test_the_reference_run_finishes_and_keeps_every_checkpoint(runs):
@@ -280,27 +274,11 @@ def test_the_run_after_a_kill_9_resumes_from_the_last_complete_one(runs,
   assert resumed == ([str(restart)] if restart else [])
 
 
-def test_a_run_killed_three_times_ends_like_an_uninterrupted_one(runs):
-  resumed, straight = runs.resumed, runs.straight
-  _finished(resumed)
+def test_a_lora_run_killed_three_times_ends_like_an_uninterrupted_one(runs):
+  resumed, straight = runs.resumed, runs.lora_straight
+  _finished(resumed, export=LORA_FILE)
   # The killed save's temporary folder is gone; every step is complete.
   assert resumed.checkpoints == ["1", "2", "3"]
-  assert ((resumed.workdir / UNET).read_bytes()
-          == (straight.workdir / UNET).read_bytes())
-  _assert_bitwise_equal(_state(resumed.workdir, NUM_STEPS),
-                        _state(straight.workdir, NUM_STEPS))
-  assert _without_timings(resumed.workdir) == _without_timings(
-      straight.workdir)
-
-
-def test_a_lora_run_killed_after_a_save_resumes_bit_identically(runs):
-  killed, resumed, straight = (runs.lora_killed, runs.lora_resumed,
-                               runs.lora_straight)
-  assert killed.returncode == -signal.SIGKILL and killed.checkpoints == [
-      "1", "2"]
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  _no_traceback(resumed)
-  assert re.findall(r"resumed from step (\d+)", resumed.stderr) == ["2"]
   assert ((resumed.workdir / LORA_FILE).read_bytes()
           == (straight.workdir / LORA_FILE).read_bytes())
   assert not (straight.workdir / UNET).exists()  # adapters only
@@ -323,8 +301,13 @@ def test_sigterm_saves_exits_0_and_the_same_command_finishes(runs):
   assert stopped.checkpoints == [str(s) for s in range(1, step + 1)]
   _finished(rerun)
   assert f"resumed from step {step}" in rerun.stderr
+  # Full fine-tuning resumes bit for bit too (the kills above are LoRA's).
   assert ((rerun.workdir / UNET).read_bytes()
           == (runs.straight.workdir / UNET).read_bytes())
+  _assert_bitwise_equal(_state(rerun.workdir, NUM_STEPS),
+                        _state(runs.straight.workdir, NUM_STEPS))
+  assert _without_timings(rerun.workdir) == _without_timings(
+      runs.straight.workdir)
 
 
 # ---------------------------------------------------------------------- NaN

@@ -19,6 +19,7 @@ from personalize_jax.errors import UserError
 from personalize_jax.models import lora
 
 MIXED_PRECISION = ("bf16", "fp32")
+TIME_IDS = ("photo", "square")  # data.time_ids: SDXL's micro-conditioning.
 NAN_POLICIES = ("stop", "skip")
 SCHEDULES = tuple(optim.SCHEDULES)
 OPTIMIZERS = tuple(optim.OPTIMIZERS)
@@ -57,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.resolution = 512  # training side in pixels (images are resized to it).
   c.data.center_crop = True  # center-crop to square before resizing (else resize).
   c.data.random_flip = True  # also train on horizontal flips of the photos.
+  # SDXL's time ids of a photo's rows: "photo" = its size and crop (diffusers'
+  # train_dreambooth_lora_sdxl.py); "square" = the target square for every
+  # row (the RPO authors' train_sdxl.py).
+  c.data.time_ids = "photo"  # SDXL micro-conditioning: "photo" or "square".
   c.data.min_image_side = 64  # reject photos smaller than this on either side.
   c.data.skip_bad_images = False  # warn and skip unreadable photos instead of failing.
 
@@ -355,6 +360,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
           "it must be 0 (off) or a positive number of evaluations")
   if not config.learning_rate > 0:
     _fail("learning_rate", config.learning_rate, "it must be a positive number")
+  if config.data.time_ids not in TIME_IDS:
+    _fail("data.time_ids", config.data.time_ids,
+          f"use one of {', '.join(TIME_IDS)}")
   if config.mixed_precision not in MIXED_PRECISION:
     _fail("mixed_precision", config.mixed_precision,
           f"use one of {', '.join(MIXED_PRECISION)}")

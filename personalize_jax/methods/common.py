@@ -93,9 +93,13 @@ def time_ids(config: ml_collections.ConfigDict, images: list[np.ndarray], *,
   """SDXL's ``(n, 6)`` time ids of ``pixels(config, images, flips=flips)``'s rows.
 
   Each row's original size and crop (``images.crop_geometry``), the flipped
-  copies' crops mirrored, and the training resolution as the target size.
+  copies' crops mirrored, and the training resolution as the target size;
+  with ``data.time_ids="square"`` the whole target square for every row.
   """
   data = config.data
+  if data.time_ids == "square":
+    rows = len(images) * (2 if flips else 1)
+    return np.repeat(sdxl.time_ids(data.resolution), rows, axis=0)
   geometry = [images_lib.crop_geometry(im, data.resolution,
                                        center_crop=data.center_crop,
                                        flipped=flipped)

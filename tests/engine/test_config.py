@@ -81,6 +81,8 @@ def test_every_base_field_has_a_comment():
     ("lora.alpha", 0.0),
     ("lora.init", "zeros"),
     ("lora.unet_targets", ["to_q("]),
+    ("lora.text_encoder_2_targets", ["q_proj("]),
+    ("data.time_ids", "crop"),
     ("optimizer.name", "adam"),
     ("optimizer.power", 0.0),
     ("optimizer.momentum", 1.0),

@@ -125,6 +125,20 @@ def test_each_training_row_carries_its_images_time_ids(dreambooth_sdxl):
   assert len(seen) > 3  # flipped copies too
 
 
+def test_square_time_ids_are_the_rpo_authors_ones(dreambooth_sdxl):
+  config, *_ = dreambooth_sdxl
+  photos = [np.zeros(shape + (3,), np.uint8) for shape in sorted(PHOTOS)]
+  square = recipes.override(config.copy_and_resolve_references(),
+                            {"data.time_ids": "square"})
+  np.testing.assert_array_equal(
+      common.time_ids(square, photos, flips=True),
+      [[64, 64, 0, 0, 64, 64]] * 6)
+  np.testing.assert_array_equal(
+      common.time_ids(config, photos, flips=True),
+      [PHOTOS[s] for s in sorted(PHOTOS)] + [FLIPPED[s]
+                                             for s in sorted(PHOTOS)])
+
+
 def test_the_loss_is_the_unets_error_under_each_rows_conditioning(
     dreambooth_sdxl):
   config, pipeline, method, params, frozen = dreambooth_sdxl
@@ -162,6 +176,60 @@ def test_the_loss_is_the_unets_error_under_each_rows_conditioning(
   # The time ids reach the U-Net: the squares' ids give other errors.
   square = np.tile(sdxl.time_ids(RESOLUTION), (2 * bs, 1))
   assert not np.allclose(error(square)[:bs], err[:bs], rtol=1e-4)
+
+
+def test_look_forward_on_sdxl_has_dreamboths_losses_beside_its_critic(
+    dreambooth_sdxl, tmp_path):
+  """Look Forward (critic, TD target, both text encoders training) on the
+  same SDXL rows: its DreamBooth terms are DreamBooth's, to round-off."""
+  from personalize_jax.methods import lookforward  # pylint: disable=g-import-not-at-top
+  config, _, method, params, frozen = dreambooth_sdxl
+  lf_config = recipes.load("lookforward_dreambooth_tpu", "sdxl,tiny", **{
+      "data.instance_dir": config.data.instance_dir,
+      "data.min_image_side": 64,
+      "dreambooth.class_images_dir": config.dreambooth.class_images_dir,
+      "dreambooth.num_class_images": 2, "batch_size": config.batch_size})
+  lf, lf_params, lf_frozen = helpers.build(
+      lookforward, lf_config, tmp_path / "run",
+      load_stable_diffusion(lf_config.model.pretrained))
+  assert {"text_encoder", "text_encoder_2", "qnetwork"} <= set(lf_params)
+  batch, rng = method.batch(0), jax.random.key(5)
+  np.testing.assert_array_equal(lf.batch(0)["instance_time_ids"],
+                                batch["instance_time_ids"])
+  _, metrics = jax.jit(lf.loss_fn)(lf_params, lf_frozen, batch, rng)
+  _, want = jax.jit(method.loss_fn)(params, frozen, batch, rng)
+  for key in ("loss/instance", "loss/prior"):
+    np.testing.assert_allclose(metrics[key], want[key], rtol=1e-5)
+  assert all(np.isfinite(metrics[k]) and metrics[k] != 0
+             for k in ("loss/critic", "loss/actor", "q/mean"))
+
+
+def test_rpo_on_sdxl_pairs_carry_their_images_time_ids(dreambooth_sdxl,
+                                                      tmp_path):
+  """RPO's references carry their photos' time ids, its negatives the
+  square's; at step 0 (the trained U-Net is the base) L_pre is ln 2."""
+  from personalize_jax.methods import rpo  # pylint: disable=g-import-not-at-top
+  config = dreambooth_sdxl[0]
+  rpo_config = recipes.load("rpo_tpu", "sdxl,tiny", **{
+      "data.instance_dir": config.data.instance_dir,
+      "data.min_image_side": 64, "data.random_flip": False,
+      "batch_size": 3})
+  method, params, frozen = helpers.build(
+      rpo, rpo_config, tmp_path / "run",
+      load_stable_diffusion(rpo_config.model.pretrained))
+  photos = [PHOTOS[s] for s in sorted(PHOTOS)]
+  batch = method.batch(0)
+  ref_rows = [photos.index(list(r)) for r in batch["ref_time_ids"]]
+  np.testing.assert_array_equal(batch["gen_time_ids"],
+                                [[64, 64, 0, 0, 64, 64]] * 3)
+  loss = jax.jit(method.loss_fn)
+  _, metrics = loss(params, frozen, batch, jax.random.key(0))
+  np.testing.assert_allclose(metrics["loss/pref"], np.log(2.0), rtol=1e-6)
+  # The references' time ids reach the U-Net.
+  square = dict(batch, ref_time_ids=batch["gen_time_ids"])
+  _, other = loss(params, frozen, square, jax.random.key(0))
+  assert any(r != photos.index([64, 64, 0, 0, 64, 64]) for r in ref_rows)
+  assert not np.isclose(other["loss/sim"], metrics["loss/sim"], rtol=1e-5)
 
 
 # ------------------------------------------------- a LoRA run, in diffusers
