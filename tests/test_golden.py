@@ -50,6 +50,11 @@ GOLDEN = {
                                         "loss/critic": 4.344079971313477,
                                         "loss/instance": 1.3151745796203613,
                                         "loss/prior": 1.3958317041397095},
+    "dino_reward_dreambooth_tpu:sdxl": {"loss": 2.8529679775238037,
+                                        "loss/actor": 0.024932872503995895,
+                                        "loss/critic": 0.1170293465256691,
+                                        "loss/instance": 1.3151733875274658,
+                                        "loss/prior": 1.3958323001861572},
     # The critic-free ablation (before issue 18 this recipe's default).
     "dino_reward_dreambooth_tpu:direct": {"loss": 3.4148168563842773,
                                    "loss/actor": 0.16108395159244537,
