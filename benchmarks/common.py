@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,9 @@ from personalize_jax.engine.method import Method, state_of
 from personalize_jax.models import checkpoint, presets
 from personalize_jax.models.clip import (CLIPTextConfig, CLIPTextModel,
                                          CLIPTextModelWithProjection)
-from personalize_jax.models.tokenizer import load_tokenizer
 from personalize_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from personalize_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.pipeline import StableDiffusion, load_stable_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,10 +186,6 @@ def compute_dtype(precision: str):
 # ------------------------------------------------------------------ models
 
 
-def _random(build: Callable[[], nnx.Module], seed: int) -> nnx.Module:
-  return checkpoint.build_random(build, seed)
-
-
 def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
                       attention_impl: str = "auto") -> StableDiffusion:
   """Materialised models with the shape's latent geometry and text width.
@@ -198,34 +194,28 @@ def stand_in_pipeline(shape: Shape, precision: str, seed: int = 0,
   (``"tiny-sdxl"``). Otherwise: the tiny VAE (8x, 4 channels, like SD's), a
   2-layer CLIP text encoder as wide as the U-Net's cross-attention, and the
   shape's U-Net, or, for the full-size shapes, the tiny U-Net made as wide in
-  its cross-attention (SDXL: ``sdxl_stand_in``).
+  its cross-attention (SDXL: ``sdxl_configs``).
   """
-  dtype = compute_dtype(precision)
+  kw = dict(dtype=compute_dtype(precision), attention_impl=attention_impl,
+            seed=seed)
   if shape.name in ("tiny", "tiny-sdxl"):
-    return load_stable_diffusion(shape.name, dtype=dtype,
-                                 attention_impl=attention_impl, seed=seed)
-  kw = dict(dtype=dtype, attention_impl=attention_impl)
+    return load_stable_diffusion(shape.name, **kw)
   if shape.sdxl:
-    return sdxl_stand_in(shape, seed, kw)
-  width = shape.unet["cross_attention_dim"]
-  unet_config = (dict(presets.UNET, cross_attention_dim=width)
-                 if shape.full_size else shape.unet)
-  text = dict(presets.CLIP_TEXT, hidden_size=width, projection_dim=width,
-              intermediate_size=2 * width)
-  return StableDiffusion(
-      unet=_random(lambda: UNet2DConditionModel(
-          UNet2DConditionConfig.from_dict(unet_config),
-          rngs=checkpoint.shape_only_rngs(), **kw), seed),
-      vae=AutoencoderKL.from_pretrained(presets.TINY, seed=seed + 1, **kw),
-      text_encoder=_random(lambda: CLIPTextModel(
-          CLIPTextConfig.from_dict(text), rngs=checkpoint.shape_only_rngs(),
-          **kw), seed + 2),
-      tokenizer=load_tokenizer(presets.TINY),
-      schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
-      source=f"stand-in:{shape.name}")
+    configs = sdxl_configs(shape)
+  else:
+    width = shape.unet["cross_attention_dim"]
+    configs = {
+        "unet": (dict(presets.UNET, cross_attention_dim=width)
+                 if shape.full_size else shape.unet),
+        "vae": presets.VAE,
+        "text_encoder": dict(presets.CLIP_TEXT, hidden_size=width,
+                             projection_dim=width, intermediate_size=2 * width),
+    }
+  return pipeline_lib.random_pipeline(configs, source=f"stand-in:{shape.name}",
+                                      **kw)
 
 
-def sdxl_stand_in(shape: Shape, seed: int, kw: dict) -> StableDiffusion:
+def sdxl_configs(shape: Shape) -> dict[str, dict]:
   """Small SDXL models with a full-size SDXL's widths: the tiny SDXL U-Net
   with its cross-attention and added-conditioning widths, two 2-layer text
   encoders as wide as the shape's (their states side by side fill the
@@ -245,24 +235,8 @@ def sdxl_stand_in(shape: Shape, seed: int, kw: dict) -> StableDiffusion:
   if sum(t["hidden_size"] for t in texts) != width:
     raise SystemExit(f"{shape.name}: the text encoders' widths do not add up "
                      f"to the U-Net's cross-attention ({width})")
-  tokenizer_2 = load_tokenizer(presets.TINY)
-  tokenizer_2.pad_token = "!"
-  return StableDiffusion(
-      unet=_random(lambda: UNet2DConditionModel(
-          UNet2DConditionConfig.from_dict(unet),
-          rngs=checkpoint.shape_only_rngs(), **kw), seed),
-      vae=_random(lambda: AutoencoderKL(
-          AutoencoderKLConfig.from_dict(presets.TINY_SDXL_VAE),
-          rngs=checkpoint.shape_only_rngs(), **kw), seed + 1),
-      text_encoder=_random(lambda: CLIPTextModel(
-          CLIPTextConfig.from_dict(texts[0]),
-          rngs=checkpoint.shape_only_rngs(), **kw), seed + 2),
-      text_encoder_2=_random(lambda: CLIPTextModelWithProjection(
-          CLIPTextConfig.from_dict(texts[1]),
-          rngs=checkpoint.shape_only_rngs(), **kw), seed + 3),
-      tokenizer=load_tokenizer(presets.TINY), tokenizer_2=tokenizer_2,
-      schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
-      source=f"stand-in:{shape.name}")
+  return {"unet": unet, "vae": presets.TINY_SDXL_VAE,
+          "text_encoder": texts[0], "text_encoder_2": texts[1]}
 
 
 def full_size(module: nnx.Module, shape: Shape, config) -> nnx.Module:

@@ -117,6 +117,7 @@ def real_recipe(config_arg: str) -> str:
 def summary_text(summary, config, config_arg: str) -> str:
   """What a finished run prints: numbers, where things are, what to run next."""
   import json  # pylint: disable=g-import-not-at-top
+  from personalize_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   work = summary.workdir
   m = summary.last_metrics
   losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())
@@ -146,10 +147,10 @@ def summary_text(summary, config, config_arg: str) -> str:
       f"  sample grids: {work / 'samples'}",
       f"  checkpoints: {work / 'checkpoints'}",
   ]
-  if config.model.pretrained in ("tiny", "tiny-sdxl"):
+  if config.model.pretrained in pipeline_lib.TINY_PIPELINES:
     recipe = real_recipe(config_arg or "configs/demo_cpu.py")
     # The recipe's SDXL variant, or SD 1.4.
-    if config.model.pretrained == "tiny-sdxl":
+    if pipeline_lib.is_sdxl_source(config.model.pretrained):
       recipe, model = recipe + ":sdxl", ""
     else:
       model = " --config.model.pretrained=CompVis/stable-diffusion-v1-4"

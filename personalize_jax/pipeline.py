@@ -178,17 +178,8 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
   kwargs = dict(dtype=dtype, param_dtype=param_dtype,
                 attention_impl=attention_impl)
   if source in _TINY:
-    sdxl = source == presets.TINY_SDXL
-    tokenizers = {"tokenizer": load_tokenizer(presets.TINY)}
-    if sdxl:
-      tokenizers["tokenizer_2"] = load_tokenizer(presets.TINY)
-      tokenizers["tokenizer_2"].pad_token = "!"  # SDXL's second tokenizer's
-    pipe = StableDiffusion(
-        **_models(_TINY[source], None, sdxl, remat, seed, kwargs),
-        **tokenizers,
-        schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
-        source=source)
-    return _with_loras(pipe, loras)
+    return _with_loras(random_pipeline(_TINY[source], seed=seed, source=source,
+                                       remat=remat, **kwargs), loras)
   root = checkpoint.resolve_pretrained(source)
   index = root / "model_index.json"
   if not index.is_file():
@@ -221,6 +212,35 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *,
   return _with_loras(pipe, loras)
 
 
+def tiny_tokenizers(sdxl: bool) -> dict[str, Any]:
+  """The tokenizers of the tiny pipelines (the shipped CLIP vocabulary):
+  ``tokenizer``, and for SDXL ``tokenizer_2``, which pads with "!" as SDXL's
+  second tokenizer does."""
+  tokenizers = {"tokenizer": load_tokenizer(presets.TINY)}
+  if sdxl:
+    tokenizers["tokenizer_2"] = load_tokenizer(presets.TINY)
+    tokenizers["tokenizer_2"].pad_token = "!"
+  return tokenizers
+
+
+def random_pipeline(configs: dict[str, dict], *, seed: int = 0,
+                    source: str = "", dtype=jnp.float32,
+                    param_dtype=jnp.float32, attention_impl: str = "xla",
+                    remat: bool = False) -> StableDiffusion:
+  """A pipeline of random models from their ``config.json`` values (the tiny
+  pipelines, and the benchmarks' stand-ins): component ``i`` of ``configs``
+  (``unet``, ``vae``, ``text_encoder``[, ``text_encoder_2``]) from
+  ``seed + i``, with the tiny tokenizers and the tiny noise schedule."""
+  sdxl = "text_encoder_2" in configs
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype,
+                attention_impl=attention_impl)
+  return StableDiffusion(
+      **_models(configs, None, sdxl, remat, seed, kwargs),
+      **tiny_tokenizers(sdxl),
+      schedule=diffusion.NoiseSchedule.from_pretrained(presets.TINY),
+      source=source)
+
+
 def is_sdxl_source(path_or_hub_id: str | os.PathLike) -> bool:
   """Whether a model source is an SDXL pipeline (``tiny-sdxl``, or its
   ``model_index.json`` names ``StableDiffusionXLPipeline``).
@@ -232,10 +252,9 @@ def is_sdxl_source(path_or_hub_id: str | os.PathLike) -> bool:
   if source in _TINY:
     return source == presets.TINY_SDXL
   try:
-    index = checkpoint.resolve_pretrained(source) / "model_index.json"
-    return (index.is_file() and checkpoint.read_json(index).get(
-        "_class_name") == SDXL_CLASS_NAME)
-  except (CheckpointError, OSError, ValueError):
+    return (checkpoint.read_model_index(source).get("_class_name")
+            == SDXL_CLASS_NAME)
+  except (CheckpointError, OSError, ValueError, AttributeError):
     return False
 
 

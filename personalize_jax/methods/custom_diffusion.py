@@ -26,7 +26,6 @@ from personalize_jax.engine.method import Context, Method
 from personalize_jax.errors import UserError
 from personalize_jax import pipeline as pipeline_lib
 from personalize_jax.methods import dreambooth
-from personalize_jax.models import checkpoint, presets
 from personalize_jax.models import tokenizer as tokenizer_lib
 
 # The pipeline components config.trainable may name (text_encoder_2: SDXL's).
@@ -134,13 +133,13 @@ def base_tokenizers(config: ml_collections.ConfigDict) -> list:
   """The tokenizers of ``config.model.pretrained`` (files only, no model):
   one, or SDXL's two."""
   source = config.model.pretrained
-  names = (("tokenizer", "tokenizer_2")
-           if pipeline_lib.is_sdxl_source(source) else ("tokenizer",))
+  sdxl = pipeline_lib.is_sdxl_source(source)
   if source in pipeline_lib.TINY_PIPELINES:
-    return [tokenizer_lib.load_tokenizer(presets.TINY) for _ in names]
-  folder = checkpoint.resolve_pretrained(source)
-  return [tokenizer_lib.load_tokenizer(folder, subfolder=name)
-          for name in names]
+    return list(pipeline_lib.tiny_tokenizers(sdxl).values())
+  # A Hub id fetches the tokenizer files alone.
+  return [tokenizer_lib.load_tokenizer(source, subfolder=name)
+          for name in (("tokenizer", "tokenizer_2") if sdxl
+                       else ("tokenizer",))]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,7 @@ header and raw little-endian buffers), so bf16 checkpoints load without torch.
 is its own (config class, ``tiny`` preset, weights file, key fixes).
 """
 
+import functools
 import json
 import math
 import os
@@ -76,11 +77,36 @@ def resolve_pretrained(path_or_hub_id: str | os.PathLike,
   return folder
 
 
-def _download(repo_id: str, subfolder: str | None) -> Path:
+def read_model_index(path_or_hub_id: str | os.PathLike) -> dict:
+  """A pipeline's ``model_index.json``, without its weights.
+
+  A Hub id fetches that one file (from the cache first), once per process;
+  a local folder is read each time.
+
+  Raises:
+    CheckpointError: the source does not exist, cannot be fetched, or has no
+      readable ``model_index.json``.
+  """
+  text = str(path_or_hub_id)
+  root = Path(text).expanduser()
+  if root.exists() or not _HUB_ID.match(text):
+    return read_json(resolve_pretrained(text) / "model_index.json")
+  return dict(_hub_model_index(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_model_index(repo_id: str) -> dict:
+  return read_json(_download(repo_id, None, ["model_index.json"])
+                   / "model_index.json")
+
+
+def _download(repo_id: str, subfolder: str | None,
+              patterns: list[str] | None = None) -> Path:
   import huggingface_hub  # pylint: disable=g-import-not-at-top
-  patterns = ["*.json", "*.txt", "*.safetensors"]
-  if subfolder:
-    patterns = ["model_index.json"] + [f"{subfolder}/{p}" for p in patterns]
+  if patterns is None:
+    patterns = ["*.json", "*.txt", "*.safetensors"]
+    if subfolder:
+      patterns = ["model_index.json"] + [f"{subfolder}/{p}" for p in patterns]
   for local_only in (True, False):
     try:
       return Path(huggingface_hub.snapshot_download(

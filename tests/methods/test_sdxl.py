@@ -401,3 +401,17 @@ def test_custom_diffusion_export_loads_in_diffusers_sdxl_pipeline(
   # The new token is one token in both tokenizers.
   for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
     assert len(tokenizer.tokenize("<new1>")) == 1
+
+
+def test_custom_diffusions_config_check_reads_the_pipelines_own_tokenizers():
+  """The tokenizers Custom Diffusion checks its tokens with are the ones the
+  run will load: SDXL's second pads with "!"."""
+  from personalize_jax.methods import custom_diffusion  # pylint: disable=g-import-not-at-top
+  pipe = load_stable_diffusion("tiny-sdxl")
+  checked = custom_diffusion.base_tokenizers(
+      recipes.load("custom_diffusion_tpu", "sdxl,tiny"))
+  assert [t.pad_token for t in checked] == [
+      pipe.tokenizer.pad_token, pipe.tokenizer_2.pad_token]
+  assert checked[1].pad_token == "!" != checked[0].pad_token
+  assert [len(t) for t in checked] == [len(pipe.tokenizer),
+                                       len(pipe.tokenizer_2)]

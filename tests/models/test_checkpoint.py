@@ -121,3 +121,30 @@ def test_missing_folder_and_offline_hub_id_are_one_line_errors(tmp_path, monkeyp
     checkpoint.resolve_pretrained("no-such-org/no-such-model", "unet")
   assert "could not download" in str(info.value)
   assert "local folder" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_hub_ids_model_index_is_fetched_alone_and_once(tmp_path, monkeypatch):
+  """Config checks read a pipeline's model_index.json (is it SDXL?) several
+  times before training: a Hub id fetches that one file, once, never the
+  weights."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from personalize_jax import pipeline  # pylint: disable=g-import-not-at-top
+  (tmp_path / "model_index.json").write_text(json.dumps(
+      {"_class_name": "StableDiffusionXLPipeline"}))
+  calls = []
+
+  def snapshot_download(repo_id, allow_patterns, local_files_only):
+    calls.append((repo_id, allow_patterns, local_files_only))
+    return str(tmp_path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  checkpoint._hub_model_index.cache_clear()  # pylint: disable=protected-access
+  for _ in range(3):
+    assert pipeline.is_sdxl_source("some-org/some-sdxl")
+  assert calls == [("some-org/some-sdxl", ["model_index.json"], True)]
+  assert pipeline.model_components("some-org/some-sdxl")[-1] == "text_encoder_2"
+  # A local folder is read as it is now.
+  (tmp_path / "model_index.json").write_text(json.dumps(
+      {"_class_name": "StableDiffusionPipeline"}))
+  assert not pipeline.is_sdxl_source(tmp_path)
+  assert len(calls) == 1
