@@ -1,14 +1,14 @@
 """Several processes training as one, as on a Cloud TPU pod slice.
 
 A pod slice runs one process per host (JAX's multi-controller runtime). Here
-two processes of 4 CPU devices each join through ``jax.distributed`` (gloo
-between them) on one shared workdir, and must train like one process of 8
+two processes of 2 CPU devices each join through ``jax.distributed`` (gloo
+between them) on one shared workdir, and must train like one process of 4
 devices, leave the run directory to process 0 and resume after both are
 killed. All runs share one fixture and the session's compilation cache
 (``tests/xla_env.py``):
 
-* ``one``: the config on 1 x 8 devices;
-* ``killed``: 2 x 4 devices, each process logging the paths it writes
+* ``one``: the config on 1 x 4 devices;
+* ``killed``: 2 x 2 devices, each process logging the paths it writes
   (``tests/_audited_run.py``), both sent SIGKILL once checkpoint
   ``CHECKPOINT_STEP`` is complete;
 * ``resumed``: the same command again, audited too: it finishes the run of
@@ -41,13 +41,14 @@ import xla_env
 REPO = Path(__file__).resolve().parents[1]
 AUDITED_RUN = Path(__file__).with_name("_audited_run.py")
 NUM_STEPS = 3
+DEVICES = 4  # in all: one process of 4, or two of 2.
 CHECKPOINT_STEP = 2
 LEARNING_RATE = 1e-4  # the tiny recipe's.
 ARGS = [
     "--config=configs/dreambooth_tpu.py:tiny",
     f"--config.num_steps={NUM_STEPS}",
     f"--config.checkpoint_every_steps={CHECKPOINT_STEP}",
-    "--config.batch_size=8",  # one instance image per device.
+    f"--config.batch_size={DEVICES}",  # one instance image per device.
     "--config.log_every_steps=1",
     # Prior preservation stays on: its class images are generated over all
     # devices of both processes and written by process 0 alone.
@@ -56,7 +57,7 @@ ARGS = [
 ]
 UNET = Path("unet/diffusion_pytorch_model.safetensors")
 # XLA's CPU backend gives each process a thread pool as large as its device
-# count (8 here, 4 in each of two processes) and splits large reductions over
+# count (4 here, 2 in each of two processes) and splits large reductions over
 # it, so the same single-device sum differs in its last bits between the two
 # layouts (the cached VAE latents, a generated class image, the gradients).
 # Adam then turns round-off in gradients near zero into update differences;
@@ -75,7 +76,7 @@ def _free_port() -> int:
 
 
 class _Run:
-  """A training run: one process of 8 devices, or two of 4 joined as one.
+  """A training run: one process of 4 devices, or two of 2 joined as one.
 
   Each process's output goes to files (a pipe could fill up); with ``audit``
   each one also logs the paths it writes (``tests/_audited_run.py``).
@@ -85,7 +86,7 @@ class _Run:
                workdir: Path | None = None, audit: bool = False):
     self.name, self.tmp = name, tmp
     self.workdir = workdir or tmp / name
-    devices = 8 // num_processes
+    devices = DEVICES // num_processes
     port = _free_port()
     self.processes = []
     for i in range(num_processes):
@@ -266,7 +267,7 @@ def test_agreement_on_one_process_is_the_local_value():
 
 
 @pytest.mark.slow
-def test_two_processes_of_4_devices_train_like_one_of_8(runs):
+def test_two_processes_of_2_devices_train_like_one_of_4(runs):
   _finished(runs.resumed)
   _finished(runs.one)
   ours, reference = (_export_files(runs.resumed.workdir),

@@ -3,13 +3,16 @@
 Every run is a tiny DreamBooth training (3 steps, a checkpoint after each)
 through the command line: a kill needs a process of its own and a resume a new
 one. ``tests/_fault_run.py`` is the same command with a SIGKILL at a chosen
-moment of the checkpoint path. One workdir of a LoRA run (only the adapters
-in the train state) is killed three times, each run resuming the last, before
-the plain command finishes it; it must end exactly like an uninterrupted LoRA
-run. A full fine-tuning run is stopped by SIGTERM and resumed. All runs share the session's compilation cache
-(``tests/xla_env.py``) and run side by side; those whose train step is the reference run's start once it
-is cached, so the file compiles a train step three times (the reference, and
-the NaN-injected ones under ``nan_policy`` stop and skip).
+moment of the checkpoint path. Every run trains LoRA (only the adapters are
+in the train state, so checkpoints are small and quick). One workdir is
+killed three times, each run resuming the last, before the plain command
+finishes it; it must end exactly like the uninterrupted reference run.
+Another is stopped by SIGTERM and resumed. (That full fine-tuning resumes bit
+for bit is tests/methods/test_rpo.py's online run.) All runs share the
+session's compilation cache (``tests/xla_env.py``) and run side by side; those
+whose train step is the reference run's start once it is cached, so the file
+compiles a train step three times (the reference, and the NaN-injected ones
+under ``nan_policy`` stop and skip).
 """
 
 import functools
@@ -45,16 +48,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FAULT_RUN = Path(__file__).with_name("_fault_run.py")
 NUM_STEPS = 3
+# LoRA on the U-Net (scale 2): only the adapters are in the train state.
 BASE = [
-    "--config=configs/dreambooth_tpu.py:tiny",
+    "--config=configs/dreambooth_tpu.py:tiny,lora", "--config.lora.alpha=8",
     f"--config.num_steps={NUM_STEPS}",
     "--config.dreambooth.prior_preservation=false",  # no class images.
     "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=10",
     "--config.log_every_steps=1", "--config.eval_every_steps=1000",
 ]
-# LoRA on the U-Net (scale 2): only the adapters are in the train state.
-LORA = ["--config=configs/dreambooth_tpu.py:tiny,lora", *BASE[1:],
-        "--config.lora.alpha=8"]
 LORA_FILE = Path("export/pytorch_lora_weights.safetensors")
 # The runs on one workdir, in order: --fault of tests/_fault_run.py,
 # checkpoints/ as the kill left it, and the step the next run resumes from.
@@ -147,8 +148,8 @@ def _odd_photos(folder: Path) -> int:
 def runs(tmp_path_factory):
   """Every run of this file, finished.
 
-  ``straight``: the uninterrupted reference; ``lora_straight`` the LoRA one.
-  ``killed``: the LoRA runs of KILLS on one workdir, each resuming the one
+  ``straight``: the uninterrupted reference.
+  ``killed``: the runs of KILLS on one workdir, each resuming the one
   before; ``resumed``: the plain command that then finishes it. ``sigterm``:
   the reference config, sent SIGTERM once it logged a step, and
   ``sigterm_rerun``. ``nan_stop``: NaN at NAN_STEP.
@@ -167,7 +168,6 @@ def runs(tmp_path_factory):
 
   nan = f"--config.debug_nan_at_step={NAN_STEP}"
   r.straight = start("straight")
-  r.lora_straight = start("lora_straight", base=LORA)
   # Its own train step (skip, NaN hook), compiled beside the reference's.
   r.lenient = start("lenient", [
       nan, "--config.nan_policy=skip",
@@ -183,22 +183,22 @@ def runs(tmp_path_factory):
   faults = [fault for fault, _, _ in KILLS.values()]
   signalled = False
   while True:
-    # The kills start once the uninterrupted LoRA run compiled its step.
+    # The kills start once the uninterrupted run compiled its step.
     if r.resumed is None and (not r.killed or r.killed[-1].done()) and (
-        _logged_a_step(r.lora_straight.workdir) or r.lora_straight.done()):
+        _logged_a_step(r.straight.workdir) or r.straight.done()):
       if len(r.killed) < len(faults):
         r.killed.append(start(f"killed_{len(r.killed)}",
                               workdir=killed_workdir,
-                              fault=faults[len(r.killed)], base=LORA))
+                              fault=faults[len(r.killed)]))
       else:
-        r.resumed = start("resumed", workdir=killed_workdir, base=LORA)
+        r.resumed = start("resumed", workdir=killed_workdir)
     if not signalled and _logged_a_step(r.sigterm.workdir):
       r.sigterm.process.send_signal(signal.SIGTERM)
       signalled = True
     if r.sigterm_rerun is None and r.sigterm.done():
       r.sigterm_rerun = start("sigterm_rerun", workdir=r.sigterm.workdir)
     everything = [r.straight, r.nan_stop, r.lenient, r.sigterm,
-                  r.sigterm_rerun, r.resumed, *r.killed, r.lora_straight]
+                  r.sigterm_rerun, r.resumed, *r.killed]
     if all(x and x.done() for x in everything):
       return r
     assert time.monotonic() < deadline, "the runs took over 25 minutes"
@@ -237,7 +237,8 @@ def _no_traceback(run: _Run) -> None:
   assert "Traceback" not in run.stderr, run.stderr[-3000:]
 
 
-def _finished(run: _Run, steps: int = NUM_STEPS, export: Path = UNET) -> None:
+def _finished(run: _Run, steps: int = NUM_STEPS,
+              export: Path = LORA_FILE) -> None:
   assert run.returncode == 0, run.stderr[-3000:]
   _no_traceback(run)
   assert run.stdout.startswith(f"trained {steps} steps")
@@ -274,9 +275,9 @@ def test_the_run_after_a_kill_9_resumes_from_the_last_complete_one(runs,
   assert resumed == ([str(restart)] if restart else [])
 
 
-def test_a_lora_run_killed_three_times_ends_like_an_uninterrupted_one(runs):
-  resumed, straight = runs.resumed, runs.lora_straight
-  _finished(resumed, export=LORA_FILE)
+def test_a_run_killed_three_times_ends_like_an_uninterrupted_one(runs):
+  resumed, straight = runs.resumed, runs.straight
+  _finished(resumed)
   # The killed save's temporary folder is gone; every step is complete.
   assert resumed.checkpoints == ["1", "2", "3"]
   assert ((resumed.workdir / LORA_FILE).read_bytes()
@@ -301,9 +302,8 @@ def test_sigterm_saves_exits_0_and_the_same_command_finishes(runs):
   assert stopped.checkpoints == [str(s) for s in range(1, step + 1)]
   _finished(rerun)
   assert f"resumed from step {step}" in rerun.stderr
-  # Full fine-tuning resumes bit for bit too (the kills above are LoRA's).
-  assert ((rerun.workdir / UNET).read_bytes()
-          == (runs.straight.workdir / UNET).read_bytes())
+  assert ((rerun.workdir / LORA_FILE).read_bytes()
+          == (runs.straight.workdir / LORA_FILE).read_bytes())
   _assert_bitwise_equal(_state(rerun.workdir, NUM_STEPS),
                         _state(runs.straight.workdir, NUM_STEPS))
   assert _without_timings(rerun.workdir) == _without_timings(
