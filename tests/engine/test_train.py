@@ -42,6 +42,8 @@ BASE = {
     "optimizer.schedule": "constant",
     "optimizer.warmup_steps": 0,
     "trainable": [TRAINABLE],
+    # The switch off: the text encoder must come out byte for byte the base's.
+    "dreambooth.train_text_encoder": False,
     "dreambooth.prior_preservation": False,  # no class images to generate.
     "log_every_steps": 1,
     "checkpoint_every_steps": 1000,  # only at the end or when stopped.
@@ -168,6 +170,26 @@ def test_only_trainable_parameters_move(runs):
     assert np.array_equal(initial[key], trained[key]), key
   unchanged = [k for k in trainable if np.array_equal(initial[k], trained[k])]
   assert not unchanged
+
+
+def test_train_text_encoder_false_leaves_it_byte_identical(runs):
+  """``dreambooth.train_text_encoder=false`` (the other side is
+  tests/methods/test_dreambooth.py's): the text encoder is not in the train
+  state, logs no update, and is exported exactly as the base's."""
+  from personalize_jax.pipeline import load_stable_diffusion  # pylint: disable=g-import-not-at-top
+  names = runs.straight_run["param_names"]
+  assert names and all(n.startswith("['unet']") for n in names)
+  base = load_stable_diffusion("tiny", seed=0)
+  export = load_stable_diffusion(runs.straight / "export")
+  for name in ("text_encoder", "vae"):
+    ours, theirs = (checkpoint.module_tensors(getattr(p, name))
+                    for p in (export, base))
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs), name
+  logged = [r for r in metrics_lib.read_metrics(runs.straight) if "loss" in r]
+  assert [r["step"] for r in logged] == [1, 2, 3]
+  assert all("update_norm/text_encoder" not in r and r["update_norm/unet"] > 0
+             for r in logged)
 
 
 def test_export_loads_in_diffusers_with_the_same_unet(runs):
